@@ -1,0 +1,10 @@
+"""Building blocks of the networks, each taking plain arguments (channels, kernel, stride, ConvOps)."""
+
+from nnunet_segmamba.blocks.conv import ConvOps
+from nnunet_segmamba.blocks.downsampling import HierarchicalScaleDownsampling, StridedConvDownsampling
+from nnunet_segmamba.blocks.fue import FeatureUncertainty
+from nnunet_segmamba.blocks.gsc import GatedSpatialConv
+from nnunet_segmamba.blocks.tsmamba import TSMambaBlock
+
+__all__ = ["ConvOps", "FeatureUncertainty", "GatedSpatialConv", "HierarchicalScaleDownsampling", "StridedConvDownsampling",
+           "TSMambaBlock"]

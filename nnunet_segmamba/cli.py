@@ -1,0 +1,27 @@
+"""`nnunet-segmamba <tool>`: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+TOOLS = {
+    "env": ("environment", "print the nnUNet_extTrainer line for nnU-Net's stock commands"),
+    "doctor": ("doctor", "check the installation, GPU, scan backend and nnU-Net set-up"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nnunet-segmamba", description=__doc__)
+    subparsers = parser.add_subparsers(dest="tool", required=True, metavar="tool")
+    modules = {}
+    for name, (module_name, help_text) in TOOLS.items():
+        modules[name] = importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
+        modules[name].add_arguments(subparsers.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    return modules[args.tool].main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

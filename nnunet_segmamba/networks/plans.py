@@ -1,0 +1,81 @@
+"""Networks from nnU-Net plans: the one place where plans keys are read and checked."""
+
+from __future__ import annotations
+
+import inspect
+import pydoc
+from typing import Any, Sequence
+
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+
+RESENC_ONLY_KEYS = ("block", "bottleneck_channels", "stem_channels")
+"""Keys of nnU-Net's ResEnc presets that configure its residual encoder, which our networks replace."""
+
+
+def arch_kwargs(configuration: ConfigurationManager) -> dict[str, Any]:
+    """The configuration's ``architecture.arch_kwargs`` with operators imported, in our networks' terms.
+
+    ResEnc presets' ``n_blocks_per_stage`` becomes ``n_conv_per_stage`` (blocks per encoder stage).
+    """
+    kwargs = dict(configuration.network_arch_init_kwargs)
+    for key in configuration.network_arch_init_kwargs_req_import:
+        name = kwargs.get(key)
+        if name is None:
+            continue
+        located = pydoc.locate(name)
+        if located is None:
+            raise ValueError(f"Plans key architecture.arch_kwargs.{key} = {name!r} cannot be imported. Use a dotted "
+                             f"path such as 'torch.nn.Conv3d', 'torch.nn.InstanceNorm3d' or 'torch.nn.LeakyReLU'.")
+        kwargs[key] = located
+    if "n_blocks_per_stage" in kwargs:
+        kwargs["n_conv_per_stage"] = kwargs.pop("n_blocks_per_stage")
+    for key in RESENC_ONLY_KEYS:
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def build_network(network_class: type[nn.Module], configuration: ConfigurationManager, num_input_channels: int,
+                  num_output_channels: int, deep_supervision: bool, **options: Any) -> nn.Module:
+    """`network_class` built from a plans configuration; `options` are defaults the plans may override."""
+    kwargs = {**options, **arch_kwargs(configuration)}
+    accepted = inspect.signature(network_class).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"{network_class.__name__} does not take the plans key(s) {unknown} "
+                         f"(architecture.arch_kwargs). It takes: {sorted(set(accepted) - {'self'})}.")
+    network = network_class(input_channels=num_input_channels, num_classes=num_output_channels,
+                            deep_supervision=deep_supervision, **kwargs)
+    if hasattr(network, "initialize"):
+        network.apply(network.initialize)
+    return network
+
+
+def per_stage(name: str, value: Any, n_stages: int, ndim: int | None = None) -> list:
+    """`value` as one entry per stage (an int is repeated; with `ndim`, entries become per-axis lists).
+
+    Raises a ValueError naming the plans key when a list has the wrong length.
+    """
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n_stages
+    if len(values) != n_stages:
+        raise ValueError(f"Plans key architecture.arch_kwargs.{name} has {len(values)} entries but n_stages is "
+                         f"{n_stages}: give one entry per stage (edit the plans, or re-run nnUNetv2_plan_experiment).")
+    if ndim is None:
+        return values
+    result = []
+    for v in values:
+        axes = list(v) if isinstance(v, (list, tuple)) else [v] * ndim
+        if len(axes) != ndim:
+            raise ValueError(f"Plans key architecture.arch_kwargs.{name} has an entry {v} with {len(axes)} axes; "
+                             f"this {ndim}D configuration needs {ndim}.")
+        result.append(axes)
+    return result
+
+
+def stage_sizes(input_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Spatial size of every encoder stage's output for an input of `input_size`."""
+    sizes, size = [], list(input_size)
+    for stride in strides:
+        size = [i // s for i, s in zip(size, stride)]
+        sizes.append(size)
+    return sizes

@@ -1,0 +1,162 @@
+"""SegMamba (Xing et al., MICCAI 2024) and SegMamba-V2 (Xing et al., IEEE TMI 2025), built from plans.
+
+Both are U-Nets whose encoder stages are convolutional at high resolution and TSMamba blocks (GSC,
+multi-order Mamba, MLP) deeper down, with FUE on the skips and nnU-Net's plan-driven decoder. They
+differ in what the class attributes say:
+
+| | SegMambaV2 | SegMamba |
+|---|---|---|
+| downsampling between stages | HSD (kernels 5, 3, 2 in parallel) | strided conv, kernel = stride |
+| Mamba scan orders | three plane orientations | ToM: forward, reverse, inter-slice |
+| stem | the plans' conv | 7^3 conv |
+| Mamba from (largest-axis downsampling) | 8 (1/8 resolution) | 4 (affordable at 128^3) |
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from torch import Tensor, nn
+
+from nnunet_segmamba.blocks import (ConvOps, FeatureUncertainty, HierarchicalScaleDownsampling,
+                                    StridedConvDownsampling, TSMambaBlock)
+from nnunet_segmamba.mamba import TokenOrder, plane_orders, tom_orders
+from nnunet_segmamba.networks.plans import per_stage
+
+
+def mamba_stage_flags(strides: Sequence[Sequence[int]], mamba_downsampling: int) -> list[bool]:
+    """True for the stages whose cumulative stride, on its largest axis, is at least `mamba_downsampling`."""
+    cumulative = np.cumprod(np.asarray(strides), axis=0).max(axis=1)
+    return [bool(c >= mamba_downsampling) for c in cumulative]
+
+
+class MambaEncoder(nn.Module):
+    """Stage 0: stem conv (+ conv blocks); stage s >= 1: `downsampling` by strides[s], then conv blocks,
+    or TSMamba blocks on the stages `mamba_stage_flags` selects. n_blocks_per_stage blocks per stage.
+
+    forward: x (B, C_in, *spatial) -> the stage outputs, shallowest first, all but the deepest passed
+    through FUE (they are the decoder's skips).
+    """
+
+    def __init__(self, input_channels: int, features_per_stage: Sequence[int], kernel_sizes: Sequence[Sequence[int]],
+                 strides: Sequence[Sequence[int]], n_blocks_per_stage: Sequence[int], ops: ConvOps,
+                 downsampling: type[nn.Module], orders: Sequence[TokenOrder], mamba_downsampling: int,
+                 stem_kernel_size: int | None = None, mlp_ratio: float = 2.0, d_state: int = 16,
+                 scan_backend: str | None = None) -> None:
+        super().__init__()
+        self.mamba_stages = mamba_stage_flags(strides, mamba_downsampling)
+        stem_kernel = [k if stem_kernel_size is None or k == 1 else stem_kernel_size for k in kernel_sizes[0]]
+        stages, channels = [], input_channels
+        for s, (features, kernel, stride, n_blocks, mamba) in enumerate(
+                zip(features_per_stage, kernel_sizes, strides, n_blocks_per_stage, self.mamba_stages)):
+            if s == 0:
+                entry, n_body = ops.conv_norm_act(channels, features, stem_kernel, stride), n_blocks - (not mamba)
+            else:
+                entry, n_body = downsampling(channels, features, stride, ops), n_blocks
+            body = [TSMambaBlock(features, kernel, ops, orders, mlp_ratio, d_state, backend=scan_backend) if mamba
+                    else ops.conv_norm_act(features, features, kernel) for _ in range(n_body)]
+            stages.append(nn.Sequential(entry, *body))
+            channels = features
+        self.stages = nn.ModuleList(stages)
+        self.fue = FeatureUncertainty()
+        # what dynamic-network-architectures' UNetDecoder reads from an encoder
+        self.output_channels = list(features_per_stage)
+        self.strides = [list(s) for s in strides]
+        self.kernel_sizes = [list(k) for k in kernel_sizes]
+        for name, value in ops.as_encoder_attributes().items():
+            setattr(self, name, value)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return [self.fue(skip) for skip in outputs[:-1]] + outputs[-1:]
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        total = np.int64(0)
+        for stage, stride in zip(self.stages, self.strides):
+            entry, *body = stage
+            total += entry.compute_conv_feature_map_size(input_size)
+            input_size = [i // s for i, s in zip(input_size, stride)]
+            for block in body:
+                total += block.compute_conv_feature_map_size(input_size)
+        return total
+
+
+class MambaUNet(nn.Module):
+    """MambaEncoder + nnU-Net's UNetDecoder, from the plans' architecture kwargs (PlainConvUNet names).
+
+    Subclasses set the class attributes below. Deep supervision as in nnU-Net: with
+    `decoder.deep_supervision` the forward returns one output per decoder stage, full resolution first.
+    """
+
+    downsampling: ClassVar[type[nn.Module]]
+    scan_orders: ClassVar[Callable[[int], tuple[TokenOrder, ...]]]
+    stem_kernel_size: ClassVar[int | None]
+    default_mamba_downsampling: ClassVar[int]
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage: int | Sequence[int],
+                 conv_op: type[nn.Module], kernel_sizes: int | Sequence, strides: int | Sequence,
+                 n_conv_per_stage: int | Sequence[int], num_classes: int,
+                 n_conv_per_stage_decoder: int | Sequence[int], conv_bias: bool = False,
+                 norm_op: type[nn.Module] | None = None, norm_op_kwargs: dict | None = None,
+                 dropout_op: type[nn.Module] | None = None, dropout_op_kwargs: dict | None = None,
+                 nonlin: type[nn.Module] | None = None, nonlin_kwargs: dict | None = None,
+                 deep_supervision: bool = False, mamba_downsampling: int | None = None, mlp_ratio: float = 2.0,
+                 d_state: int = 16, scan_backend: str | None = None) -> None:
+        super().__init__()
+        ops = ConvOps(conv_op, conv_bias, norm_op, norm_op_kwargs or {}, dropout_op, dropout_op_kwargs or {},
+                      nonlin, nonlin_kwargs or {})
+        self.encoder = MambaEncoder(
+            input_channels,
+            per_stage("features_per_stage", features_per_stage, n_stages),
+            per_stage("kernel_sizes", kernel_sizes, n_stages, ops.ndim),
+            per_stage("strides", strides, n_stages, ops.ndim),
+            per_stage("n_conv_per_stage", n_conv_per_stage, n_stages),
+            ops, self.downsampling, self.scan_orders(ops.ndim),
+            self.default_mamba_downsampling if mamba_downsampling is None else mamba_downsampling,
+            self.stem_kernel_size, mlp_ratio, d_state, scan_backend,
+        )
+        self.decoder = UNetDecoder(self.encoder, num_classes,
+                                   per_stage("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1),
+                                   deep_supervision)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        total_stride = np.prod(self.encoder.strides, axis=0)
+        if any(size % stride for size, stride in zip(x.shape[2:], total_stride)):
+            raise ValueError(f"Input of spatial size {tuple(x.shape[2:])} is not divisible by the network's total "
+                             f"stride {tuple(int(t) for t in total_stride)}. nnU-Net plans choose patch sizes that "
+                             f"are; if you edited patch_size or strides by hand, make them agree.")
+        return self.decoder(self.encoder(x))
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
+        """Feature-map elements of one sample (nnU-Net's planner's memory proxy), input size without channels."""
+        return self.encoder.compute_conv_feature_map_size(input_size) + \
+            self.decoder.compute_conv_feature_map_size(input_size)
+
+    @staticmethod
+    def initialize(module: nn.Module) -> None:
+        """He init of the convolutions, as nnU-Net's U-Nets; Mamba and MLP keep their own init."""
+        InitWeights_He(1e-2)(module)
+
+
+class SegMambaV2(MambaUNet):
+    """SegMamba-V2: HSD downsampling, tri-orientated spatial Mamba from 1/8 resolution, GSC, FUE."""
+
+    downsampling = HierarchicalScaleDownsampling
+    scan_orders = staticmethod(plane_orders)
+    stem_kernel_size = None
+    default_mamba_downsampling = 8
+
+
+class SegMamba(MambaUNet):
+    """SegMamba: 7^3 stem, tri-orientated Mamba (ToM) from 1/4 resolution, GSC, FUE."""
+
+    downsampling = StridedConvDownsampling
+    scan_orders = staticmethod(tom_orders)
+    stem_kernel_size = 7
+    default_mamba_downsampling = 4

@@ -1,0 +1,42 @@
+"""`nnunet-segmamba env`: the one line that lets nnU-Net's stock commands find our trainers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+
+EXT_TRAINER_ENV = "nnUNet_extTrainer"
+
+
+def trainers_folder() -> str:
+    """The installed `trainers/` folder (editable or not): what nnUNet_extTrainer must list."""
+    import nnunet_segmamba.trainers
+
+    return os.path.abspath(nnunet_segmamba.trainers.__path__[0])
+
+
+def hook_paths(value: str | None = None) -> list[str]:
+    value = os.environ.get(EXT_TRAINER_ENV, "") if value is None else value
+    return [os.path.abspath(p) for p in value.split(os.pathsep) if p.strip()]
+
+
+def hook_is_set() -> bool:
+    return trainers_folder() in hook_paths()
+
+
+def export_line() -> str:
+    """`export nnUNet_extTrainer=...` with our folder first and any other folders already listed kept."""
+    ours = trainers_folder()
+    paths = [ours] + [p for p in hook_paths() if p != ours]
+    return f"export {EXT_TRAINER_ENV}={shlex.quote(os.pathsep.join(paths))}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Print the shell line that makes nnUNetv2_train/nnUNetv2_predict find our trainers. "
+                          'Use it as: eval "$(nnunet-segmamba env)"  (or put that line in ~/.bashrc).')
+
+
+def main(args: argparse.Namespace) -> int:
+    print(export_line())
+    return 0

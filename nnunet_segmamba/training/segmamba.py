@@ -1,0 +1,25 @@
+"""Trainers of the SegMamba family (nnU-Net's Dice + CE loss, SGD and poly schedule)."""
+
+from __future__ import annotations
+
+from nnunet_segmamba.networks.segmamba import SegMamba, SegMambaV2
+from nnunet_segmamba.training.base import nnUNetTrainerMambaBase
+from nnunet_segmamba.training.variants import trainer_variant
+
+
+class nnUNetTrainerSegMambaV2(nnUNetTrainerMambaBase):
+    """SegMamba-V2: HSD, tri-orientated spatial Mamba from 1/8 resolution, GSC, FUE."""
+
+    network_class = SegMambaV2
+
+
+class nnUNetTrainerSegMamba(nnUNetTrainerMambaBase):
+    """SegMamba: tri-orientated Mamba (ToM) from 1/4 resolution, GSC, FUE."""
+
+    network_class = SegMamba
+
+
+nnUNetTrainerSegMambaV2_250epochs = trainer_variant(
+    nnUNetTrainerSegMambaV2, "nnUNetTrainerSegMambaV2_250epochs", __name__, num_epochs=250)
+nnUNetTrainerSegMamba_250epochs = trainer_variant(
+    nnUNetTrainerSegMamba, "nnUNetTrainerSegMamba_250epochs", __name__, num_epochs=250)
