@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import pydoc
-from typing import Any, Sequence
+from typing import Any
 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
@@ -71,11 +71,3 @@ def per_stage(name: str, value: Any, n_stages: int, ndim: int | None = None) -> 
         result.append(axes)
     return result
 
-
-def stage_sizes(input_size: Sequence[int], strides: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Spatial size of every encoder stage's output for an input of `input_size`."""
-    sizes, size = [], list(input_size)
-    for stride in strides:
-        size = [i // s for i, s in zip(size, stride)]
-        sizes.append(size)
-    return sizes
