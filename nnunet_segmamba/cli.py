@@ -9,6 +9,8 @@ import sys
 TOOLS = {
     "env": ("environment", "print the nnUNet_extTrainer line for nnU-Net's stock commands"),
     "doctor": ("doctor", "check the installation, GPU, scan backend and nnU-Net set-up"),
+    "compare": ("compare", "compare trainers' nnU-Net results across datasets (tables, tests, plots)"),
+    "synth": ("synth", "write a generated nnU-Net raw dataset"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Generated datasets in nnU-Net's raw format."""

@@ -1,0 +1,65 @@
+"""Choosing the scan backend: argument, environment variable, automatic fall-back, errors."""
+
+import pytest
+import torch
+
+from nnunet_segmamba.mamba import BACKEND_ENV, Mamba, backends, describe_backend, scan_ops
+
+
+@pytest.fixture(autouse=True)
+def fresh_resolution(monkeypatch):
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    backends._resolve.cache_clear()
+    yield
+    backends._resolve.cache_clear()
+
+
+CPU = torch.device("cpu")
+
+
+def test_auto_on_cpu_is_the_exact_torch_scan():
+    assert scan_ops(CPU).name == "torch"
+    assert "torch" in describe_backend(CPU) and "requested: auto" in describe_backend(CPU)
+
+
+def test_environment_variable_is_read(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert "requested: torch" in describe_backend(CPU)
+
+
+def test_unknown_backend_names_its_source(monkeypatch):
+    with pytest.raises(ValueError, match="environment variable NNUNET_SEGMAMBA_SCAN"):
+        monkeypatch.setenv(BACKEND_ENV, "triton-ish")
+        scan_ops(CPU)
+    with pytest.raises(ValueError, match="backend argument"):
+        Mamba(8, backend="fast")
+
+
+def test_forcing_cuda_for_cpu_tensors_is_an_error(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "cuda")
+    with pytest.raises(RuntimeError, match="'cuda' was requested"):
+        Mamba(8)(torch.randn(1, 5, 8))
+
+
+def test_argument_overrides_environment(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "cuda")
+    assert Mamba(8, backend="torch")(torch.randn(1, 5, 8)).shape == (1, 5, 8)
+
+
+def test_failed_kernel_import_falls_back_with_one_warning(monkeypatch):
+    """On a GPU whose kernels do not import (absent, or built for another torch) 'auto' warns once and
+    runs the torch scan; a forced 'cuda' is an error that says how to fix it."""
+    monkeypatch.setattr(backends, "_cuda_ops", lambda index: (None, "mamba-ssm could not be imported (test)"))
+    with pytest.warns(UserWarning, match="using the exact PyTorch scan instead") as caught:
+        assert backends._resolve("auto", "cuda", 0).name == "torch"
+        assert backends._resolve("auto", "cuda", 0).name == "torch"
+    assert len(caught) == 1
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation mamba-ssm"):
+        backends._resolve("cuda", "cuda", 0)
+
+
+def test_mamba_ssm_is_not_imported_on_cpu():
+    import sys
+
+    Mamba(8)(torch.randn(1, 5, 8))
+    assert "mamba_ssm" not in sys.modules and "selective_scan_cuda" not in sys.modules
