@@ -10,8 +10,9 @@ import pytest
 from nnunet_segmamba.cli import main
 from nnunet_segmamba.tools import doctor, environment
 
-PUBLIC_TRAINERS = ["nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMambaV2_250epochs", "nnUNetTrainerSegMamba",
-                   "nnUNetTrainerSegMamba_250epochs"]
+PUBLIC_TRAINERS = ["nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMambaV2_250epochs", "nnUNetTrainerSegMambaV2RST",
+                   "nnUNetTrainerSegMamba", "nnUNetTrainerSegMamba_250epochs", "nnUNetTrainerMambaClinix",
+                   "nnUNetTrainerMambaClinixRST"]
 BIN = Path(sys.executable).parent
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from nnunet_segmamba.datasets.raw import write_raw_dataset
 from nnunet_segmamba.datasets.synthetic import PRESETS
+from nnunet_segmamba.training.mambaclinix import nnUNetTrainerMambaClinix, nnUNetTrainerMambaClinixRST
 from nnunet_segmamba.training.segmamba import nnUNetTrainerSegMamba, nnUNetTrainerSegMambaV2
 from nnunet_segmamba.training.variants import write_variants_module
 
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.e2e
 
 DATASET = 911
 SHORT_RUN = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
-TRAINERS = {"nnUNetTrainerSegMambaV2_ci": nnUNetTrainerSegMambaV2, "nnUNetTrainerSegMamba_ci": nnUNetTrainerSegMamba}
+TRAINERS = {"nnUNetTrainerSegMambaV2_ci": nnUNetTrainerSegMambaV2, "nnUNetTrainerSegMamba_ci": nnUNetTrainerSegMamba,
+            "nnUNetTrainerMambaClinix_ci": nnUNetTrainerMambaClinix,
+            "nnUNetTrainerMambaClinixRST_ci": nnUNetTrainerMambaClinixRST}
 BIN = Path(sys.executable).parent
 
 

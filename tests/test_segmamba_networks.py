@@ -113,7 +113,7 @@ def test_plans_errors_name_the_key():
     configuration.configuration["architecture"]["arch_kwargs"]["norm_op"] = "torch.nn.NoSuchNorm"
     with pytest.raises(ValueError, match="arch_kwargs.norm_op = 'torch.nn.NoSuchNorm' cannot be imported"):
         build(SegMambaV2, configuration)
-    with pytest.raises(ValueError, match="does not take the plans key"):
+    with pytest.raises(ValueError, match=r"SegMambaV2: architecture.arch_kwargs does not take \[.unknown_option.\]"):
         build(SegMambaV2, nnunet_plans.iso(), unknown_option=1)
     with pytest.raises(ValueError, match="not divisible by the network's total stride"):
         build(SegMambaV2, nnunet_plans.iso())(torch.randn(1, 2, 64, 64, 48))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.residual import StackedResidualBlocks
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from torch import nn
 
@@ -40,6 +41,13 @@ class ConvOps:
         return StackedConvBlocks(n, self.conv_op, in_channels, out_channels, kernel_size, stride, self.conv_bias,
                                  self.norm_op, self.norm_op_kwargs, self.dropout_op, self.dropout_op_kwargs,
                                  self.nonlin, self.nonlin_kwargs)
+
+    def residual_blocks(self, n: int, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
+                        stride: int | Sequence[int] = 1) -> StackedResidualBlocks:
+        """n residual blocks (conv-norm-act, conv-norm, + skip, act: BasicBlockD), the first with `stride`."""
+        return StackedResidualBlocks(n, self.conv_op, in_channels, out_channels, kernel_size, stride, self.conv_bias,
+                                     self.norm_op, self.norm_op_kwargs, self.dropout_op, self.dropout_op_kwargs,
+                                     self.nonlin, self.nonlin_kwargs)
 
     def as_encoder_attributes(self) -> dict:
         """The attribute names dynamic-network-architectures' decoders read from an encoder."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import pydoc
 from typing import Any
 
@@ -14,10 +13,8 @@ RESENC_ONLY_KEYS = ("block", "bottleneck_channels", "stem_channels")
 
 
 def arch_kwargs(configuration: ConfigurationManager) -> dict[str, Any]:
-    """The configuration's ``architecture.arch_kwargs`` with operators imported, in our networks' terms.
-
-    ResEnc presets' ``n_blocks_per_stage`` becomes ``n_conv_per_stage`` (blocks per encoder stage).
-    """
+    """The configuration's ``architecture.arch_kwargs`` with operators imported, without the keys that only
+    configure ResEnc's own residual encoder."""
     kwargs = dict(configuration.network_arch_init_kwargs)
     for key in configuration.network_arch_init_kwargs_req_import:
         name = kwargs.get(key)
@@ -28,8 +25,6 @@ def arch_kwargs(configuration: ConfigurationManager) -> dict[str, Any]:
             raise ValueError(f"Plans key architecture.arch_kwargs.{key} = {name!r} cannot be imported. Use a dotted "
                              f"path such as 'torch.nn.Conv3d', 'torch.nn.InstanceNorm3d' or 'torch.nn.LeakyReLU'.")
         kwargs[key] = located
-    if "n_blocks_per_stage" in kwargs:
-        kwargs["n_conv_per_stage"] = kwargs.pop("n_blocks_per_stage")
     for key in RESENC_ONLY_KEYS:
         kwargs.pop(key, None)
     return kwargs
@@ -38,14 +33,8 @@ def arch_kwargs(configuration: ConfigurationManager) -> dict[str, Any]:
 def build_network(network_class: type[nn.Module], configuration: ConfigurationManager, num_input_channels: int,
                   num_output_channels: int, deep_supervision: bool, **options: Any) -> nn.Module:
     """`network_class` built from a plans configuration; `options` are defaults the plans may override."""
-    kwargs = {**options, **arch_kwargs(configuration)}
-    accepted = inspect.signature(network_class).parameters
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(f"{network_class.__name__} does not take the plans key(s) {unknown} "
-                         f"(architecture.arch_kwargs). It takes: {sorted(set(accepted) - {'self'})}.")
     network = network_class(input_channels=num_input_channels, num_classes=num_output_channels,
-                            deep_supervision=deep_supervision, **kwargs)
+                            deep_supervision=deep_supervision, **{**options, **arch_kwargs(configuration)})
     if hasattr(network, "initialize"):
         network.apply(network.initialize)
     return network

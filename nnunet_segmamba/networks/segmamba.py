@@ -14,17 +14,16 @@ differ in what the class attributes say:
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import Tensor, nn
 
-from nnunet_segmamba.blocks import (ConvOps, FeatureUncertainty, HierarchicalScaleDownsampling,
-                                    StridedConvDownsampling, TSMambaBlock)
+from nnunet_segmamba.blocks import (FeatureUncertainty, HierarchicalScaleDownsampling, StridedConvDownsampling,
+                                    TSMambaBlock)
 from nnunet_segmamba.mamba import TokenOrder, plane_orders, tom_orders
-from nnunet_segmamba.networks.plans import per_stage
+from nnunet_segmamba.networks.unet import PlansUNet, UNetPlan
 
 
 def mamba_stage_flags(strides: Sequence[Sequence[int]], mamba_downsampling: int) -> list[bool]:
@@ -35,23 +34,22 @@ def mamba_stage_flags(strides: Sequence[Sequence[int]], mamba_downsampling: int)
 
 class MambaEncoder(nn.Module):
     """Stage 0: stem conv (+ conv blocks); stage s >= 1: `downsampling` by strides[s], then conv blocks,
-    or TSMamba blocks on the stages `mamba_stage_flags` selects. n_blocks_per_stage blocks per stage.
+    or TSMamba blocks on the stages `mamba_stage_flags` selects; plan.blocks[s] blocks per stage.
 
-    forward: x (B, C_in, *spatial) -> the stage outputs, shallowest first, all but the deepest passed
-    through FUE (they are the decoder's skips).
+    forward: x (B, C_in, *spatial), spatial divisible by the total stride -> the stage outputs,
+    shallowest first, all but the deepest passed through FUE (they are the decoder's skips).
     """
 
-    def __init__(self, input_channels: int, features_per_stage: Sequence[int], kernel_sizes: Sequence[Sequence[int]],
-                 strides: Sequence[Sequence[int]], n_blocks_per_stage: Sequence[int], ops: ConvOps,
-                 downsampling: type[nn.Module], orders: Sequence[TokenOrder], mamba_downsampling: int,
-                 stem_kernel_size: int | None = None, mlp_ratio: float = 2.0, d_state: int = 16,
-                 scan_backend: str | None = None) -> None:
+    def __init__(self, input_channels: int, plan: UNetPlan, downsampling: type[nn.Module],
+                 orders: Sequence[TokenOrder], mamba_downsampling: int, stem_kernel_size: int | None = None,
+                 mlp_ratio: float = 2.0, d_state: int = 16, scan_backend: str | None = None) -> None:
         super().__init__()
-        self.mamba_stages = mamba_stage_flags(strides, mamba_downsampling)
-        stem_kernel = [k if stem_kernel_size is None or k == 1 else stem_kernel_size for k in kernel_sizes[0]]
+        ops = plan.ops
+        self.mamba_stages = mamba_stage_flags(plan.strides, mamba_downsampling)
+        stem_kernel = [k if stem_kernel_size is None or k == 1 else stem_kernel_size for k in plan.kernel_sizes[0]]
         stages, channels = [], input_channels
         for s, (features, kernel, stride, n_blocks, mamba) in enumerate(
-                zip(features_per_stage, kernel_sizes, strides, n_blocks_per_stage, self.mamba_stages)):
+                zip(plan.features, plan.kernel_sizes, plan.strides, plan.blocks, self.mamba_stages)):
             if s == 0:
                 entry, n_body = ops.conv_norm_act(channels, features, stem_kernel, stride), n_blocks - (not mamba)
             else:
@@ -63,13 +61,18 @@ class MambaEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.fue = FeatureUncertainty()
         # what dynamic-network-architectures' UNetDecoder reads from an encoder
-        self.output_channels = list(features_per_stage)
-        self.strides = [list(s) for s in strides]
-        self.kernel_sizes = [list(k) for k in kernel_sizes]
+        self.output_channels = list(plan.features)
+        self.strides = plan.strides
+        self.kernel_sizes = plan.kernel_sizes
         for name, value in ops.as_encoder_attributes().items():
             setattr(self, name, value)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        total_stride = np.prod(self.strides, axis=0)
+        if any(size % stride for size, stride in zip(x.shape[2:], total_stride)):
+            raise ValueError(f"Input of spatial size {tuple(x.shape[2:])} is not divisible by the network's total "
+                             f"stride {tuple(int(t) for t in total_stride)}. nnU-Net plans choose patch sizes that "
+                             f"are; if you edited patch_size or strides by hand, make them agree.")
         outputs = []
         for stage in self.stages:
             x = stage(x)
@@ -87,11 +90,14 @@ class MambaEncoder(nn.Module):
         return total
 
 
-class MambaUNet(nn.Module):
-    """MambaEncoder + nnU-Net's UNetDecoder, from the plans' architecture kwargs (PlainConvUNet names).
+class MambaUNet(PlansUNet):
+    """MambaEncoder + nnU-Net's UNetDecoder, from the plans' architecture kwargs (`UNetPlan`) plus:
 
-    Subclasses set the class attributes below. Deep supervision as in nnU-Net: with
-    `decoder.deep_supervision` the forward returns one output per decoder stage, full resolution first.
+    - mamba_downsampling: stages downsampled at least this much (largest axis) use TSMamba blocks;
+      default: the class's `default_mamba_downsampling`.
+    - mlp_ratio, d_state, scan_backend: the TSMamba blocks' MLP width, state size and scan backend.
+
+    Subclasses set the class attributes below.
     """
 
     downsampling: ClassVar[type[nn.Module]]
@@ -99,49 +105,16 @@ class MambaUNet(nn.Module):
     stem_kernel_size: ClassVar[int | None]
     default_mamba_downsampling: ClassVar[int]
 
-    def __init__(self, input_channels: int, n_stages: int, features_per_stage: int | Sequence[int],
-                 conv_op: type[nn.Module], kernel_sizes: int | Sequence, strides: int | Sequence,
-                 n_conv_per_stage: int | Sequence[int], num_classes: int,
-                 n_conv_per_stage_decoder: int | Sequence[int], conv_bias: bool = False,
-                 norm_op: type[nn.Module] | None = None, norm_op_kwargs: dict | None = None,
-                 dropout_op: type[nn.Module] | None = None, dropout_op_kwargs: dict | None = None,
-                 nonlin: type[nn.Module] | None = None, nonlin_kwargs: dict | None = None,
-                 deep_supervision: bool = False, mamba_downsampling: int | None = None, mlp_ratio: float = 2.0,
-                 d_state: int = 16, scan_backend: str | None = None) -> None:
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
+                 mamba_downsampling: int | None = None, mlp_ratio: float = 2.0, d_state: int = 16,
+                 scan_backend: str | None = None, **plans: Any) -> None:
         super().__init__()
-        ops = ConvOps(conv_op, conv_bias, norm_op, norm_op_kwargs or {}, dropout_op, dropout_op_kwargs or {},
-                      nonlin, nonlin_kwargs or {})
+        plan = UNetPlan.parse(plans, type(self))
         self.encoder = MambaEncoder(
-            input_channels,
-            per_stage("features_per_stage", features_per_stage, n_stages),
-            per_stage("kernel_sizes", kernel_sizes, n_stages, ops.ndim),
-            per_stage("strides", strides, n_stages, ops.ndim),
-            per_stage("n_conv_per_stage", n_conv_per_stage, n_stages),
-            ops, self.downsampling, self.scan_orders(ops.ndim),
+            input_channels, plan, self.downsampling, self.scan_orders(plan.ops.ndim),
             self.default_mamba_downsampling if mamba_downsampling is None else mamba_downsampling,
-            self.stem_kernel_size, mlp_ratio, d_state, scan_backend,
-        )
-        self.decoder = UNetDecoder(self.encoder, num_classes,
-                                   per_stage("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1),
-                                   deep_supervision)
-
-    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        total_stride = np.prod(self.encoder.strides, axis=0)
-        if any(size % stride for size, stride in zip(x.shape[2:], total_stride)):
-            raise ValueError(f"Input of spatial size {tuple(x.shape[2:])} is not divisible by the network's total "
-                             f"stride {tuple(int(t) for t in total_stride)}. nnU-Net plans choose patch sizes that "
-                             f"are; if you edited patch_size or strides by hand, make them agree.")
-        return self.decoder(self.encoder(x))
-
-    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
-        """Feature-map elements of one sample (nnU-Net's planner's memory proxy), input size without channels."""
-        return self.encoder.compute_conv_feature_map_size(input_size) + \
-            self.decoder.compute_conv_feature_map_size(input_size)
-
-    @staticmethod
-    def initialize(module: nn.Module) -> None:
-        """He init of the convolutions, as nnU-Net's U-Nets; Mamba and MLP keep their own init."""
-        InitWeights_He(1e-2)(module)
+            self.stem_kernel_size, mlp_ratio, d_state, scan_backend)
+        self.decoder = UNetDecoder(self.encoder, num_classes, plan.decoder_blocks, deep_supervision)
 
 
 class SegMambaV2(MambaUNet):

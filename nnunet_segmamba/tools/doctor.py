@@ -6,14 +6,12 @@ Prints one line per check (ok / warn / FAIL) with advice, and exits 1 if any che
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import platform
 from dataclasses import dataclass
 from importlib import metadata
 
-from nnunet_segmamba.tools.environment import EXT_TRAINER_ENV, export_line, hook_paths, trainers_folder
+from nnunet_segmamba.tools.environment import EXT_TRAINER_ENV, export_line, find_trainer, hook_paths, trainers_folder
 
 NNUNET_RANGE = ((2, 8, 1), (2, 9, 0))
 PROBE_TRAINER = "nnUNetTrainerSegMambaV2"
@@ -145,11 +143,8 @@ def check_trainer_hook() -> list[Check]:
     if missing:
         checks.append(Check(EXT_TRAINER_ENV, "warn", f"lists folders that do not exist: {missing}",
                             "remove them from the variable"))
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            found = recursive_find_trainer_class_by_name(PROBE_TRAINER)
+        found = find_trainer(PROBE_TRAINER)
         checks.append(Check("trainer lookup", "ok", f"nnU-Net finds {PROBE_TRAINER} ({found.__module__})"))
     except Exception as error:
         checks.append(Check("trainer lookup", "FAIL", f"nnU-Net's lookup of {PROBE_TRAINER} failed: {error}", fix))
@@ -157,7 +152,9 @@ def check_trainer_hook() -> list[Check]:
 
 
 def run_checks() -> list[Check]:
-    return [*check_versions(), *check_gpu_and_kernels(), check_scan_backend(), *check_paths(), *check_trainer_hook()]
+    # the trainer lookup first: nnU-Net's lookup breaks once mamba_ssm has imported transformers (see find_trainer)
+    hook = check_trainer_hook()
+    return [*check_versions(), *check_gpu_and_kernels(), check_scan_backend(), *check_paths(), *hook]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

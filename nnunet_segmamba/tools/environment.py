@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shlex
 
@@ -30,6 +32,20 @@ def export_line() -> str:
     ours = trainers_folder()
     paths = [ours] + [p for p in hook_paths() if p != ours]
     return f"export {EXT_TRAINER_ENV}={shlex.quote(os.pathsep.join(paths))}"
+
+
+def find_trainer(name: str) -> type:
+    """nnU-Net's own trainer lookup (its folder, then nnUNet_extTrainer), without its search log on stdout.
+
+    Raises RuntimeError with nnU-Net's message when the trainer is not found. Look trainers up before any
+    Mamba layer runs on CUDA: importing mamba_ssm imports transformers, whose lazily created modules change
+    sys.modules while nnU-Net 2.8.1 iterates over it ("dictionary changed size during iteration").
+    nnUNetv2_train and nnUNetv2_predict look their trainer up first, so they are not affected.
+    """
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return recursive_find_trainer_class_by_name(name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

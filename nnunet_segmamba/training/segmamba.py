@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from nnunet_segmamba.networks.segmamba import SegMamba, SegMambaV2
 from nnunet_segmamba.training.base import nnUNetTrainerMambaBase
+from nnunet_segmamba.training.region_tversky import RegionTverskyLossMixin
 from nnunet_segmamba.training.variants import trainer_variant
 
 
@@ -23,3 +24,7 @@ nnUNetTrainerSegMambaV2_250epochs = trainer_variant(
     nnUNetTrainerSegMambaV2, "nnUNetTrainerSegMambaV2_250epochs", __name__, num_epochs=250)
 nnUNetTrainerSegMamba_250epochs = trainer_variant(
     nnUNetTrainerSegMamba, "nnUNetTrainerSegMamba_250epochs", __name__, num_epochs=250)
+
+
+class nnUNetTrainerSegMambaV2RST(RegionTverskyLossMixin, nnUNetTrainerSegMambaV2):
+    """SegMamba-V2 trained with (Dice + CE) + 0.8 * region-specific Tversky loss."""

@@ -1,0 +1,139 @@
+"""`nnunet-segmamba benchmark-scan`: the scan backends against each other, errors and times.
+
+- ``--reference``: the exact PyTorch scan against the token-by-token reference (forward + backward of
+  the scan alone), e.g. L = 4096 tokens of a d_model = 64 layer (128 channels, N = 16).
+- default: a Mamba layer forward + backward with each available backend at the token counts of a
+  128^3 plan's Mamba stages; relative errors of the output and of the input and parameter gradients
+  of every backend against ``torch`` in fp32 (and under bf16 autocast), and median times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+STAGES = [(128, (32, 32, 32)), (256, (16, 16, 16)), (320, (8, 8, 8))]
+"""(d_model, token grid) of the deep stages of nnU-Net's 128^3 plan (features 32 ... 320)."""
+
+
+def _median_ms(fn, device, warmup: int, repeats: int) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def _relative(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def reference_comparison(length: int, channels: int, d_state: int, repeats: int) -> None:
+    """The torch scan against the token-by-token reference on the CPU."""
+    import torch
+
+    from nnunet_segmamba.mamba.reference import selective_scan_reference
+    from nnunet_segmamba.mamba.scan import selective_scan
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, channels, length, generator=g), torch.rand(1, channels, length, generator=g) * 0.1,
+              -torch.rand(channels, d_state, generator=g) - 0.5, torch.randn(1, d_state, length, generator=g),
+              torch.randn(1, d_state, length, generator=g), torch.randn(channels, generator=g),
+              torch.randn(1, channels, length, generator=g)]
+    rows = []
+    for name, fn in (("reference (token by token)", selective_scan_reference), ("torch (chunked)", selective_scan)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+
+        def step():
+            out = fn(*leaves[:6], z=leaves[6])
+            out.square().mean().backward()
+        rows.append((name, _median_ms(step, torch.device("cpu"), 1, repeats)))
+    print(f"selective scan, forward + backward, L={length}, {channels} channels, N={d_state}, CPU "
+          f"({torch.get_num_threads()} threads)")
+    for name, ms in rows:
+        print(f"  {name:<28} {ms:10.1f} ms")
+    print(f"  speed-up: {rows[0][1] / rows[1][1]:.1f}x")
+
+
+def backend_comparison(orders_per_layer: list[int], batch: int, warmup: int, repeats: int) -> None:
+    """Each backend's Mamba layer against the torch backend, same weights and inputs."""
+    import torch
+
+    from nnunet_segmamba.mamba import Mamba, plane_orders, raster_order
+    from nnunet_segmamba.mamba.backends import _cuda_ops
+
+    device = torch.device("cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ops, reason = _cuda_ops(device.index or 0)
+    if ops is None:
+        print(f"cuda backend unavailable: {reason}")
+        return
+    print(f"Mamba layer forward + backward, batch {batch}, {torch.cuda.get_device_name(device)}")
+    header = (f"{'d_model':>7} {'tokens':>8} {'orders':>6} {'dtype':>6} | {'err out':>8} {'err dx':>8} "
+              f"{'err dW max':>10} | {'torch ms':>9} {'cuda ms':>8} {'speed-up':>8}")
+    print(header + "\n" + "-" * len(header))
+    for d_model, grid in STAGES:
+        for n_orders in orders_per_layer:
+            orders = plane_orders(3) if n_orders == 3 else (raster_order(3),)
+            torch.manual_seed(0)
+            layers = {"torch": Mamba(d_model, orders=orders, backend="torch").to(device)}
+            layers["cuda"] = copy.deepcopy(layers["torch"])
+            layers["cuda"].backend = "cuda"
+            x = torch.randn(batch, grid[0] * grid[1] * grid[2], d_model, device=device)
+            for dtype in (torch.float32, torch.bfloat16):
+                outputs, times = {}, {}
+                for name, layer in layers.items():
+                    layer.zero_grad(set_to_none=True)
+                    leaf = x.clone().requires_grad_()
+
+                    def step():
+                        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                            out = layer(leaf, grid)
+                        out.float().square().mean().backward()
+                        return out
+                    out = step()
+                    outputs[name] = (out.detach(), leaf.grad.detach(),
+                                     {n: p.grad.detach() for n, p in layer.named_parameters()})
+                    leaf.grad = None
+                    times[name] = _median_ms(step, device, warmup, repeats)
+                (out_t, dx_t, dw_t), (out_c, dx_c, dw_c) = outputs["torch"], outputs["cuda"]
+                dw = max(_relative(dw_c[n], dw_t[n]) for n in dw_t)
+                print(f"{d_model:>7} {'x'.join(map(str, grid)):>8} {n_orders:>6} {str(dtype)[6:]:>6} | "
+                      f"{_relative(out_c, out_t):8.1e} {_relative(dx_c, dx_t):8.1e} {dw:10.1e} | "
+                      f"{times['torch']:9.2f} {times['cuda']:8.2f} {times['torch'] / times['cuda']:7.1f}x")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0].split(": ", 1)[1]
+    parser.add_argument("--reference", action="store_true", help="torch scan vs token-by-token reference (CPU)")
+    parser.add_argument("--length", type=int, default=4096, help="tokens for --reference (default 4096)")
+    parser.add_argument("--channels", type=int, default=128, help="channels for --reference (d_inner; default 128)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size for the backend comparison")
+    parser.add_argument("--orders", type=int, nargs="+", default=[1, 3], choices=(1, 3))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.reference:
+        reference_comparison(args.length, args.channels, 16, max(1, args.repeats // 5))
+        return 0
+    if not torch.cuda.is_available():
+        print("error: the backend comparison needs a CUDA GPU (use --reference on the CPU)")
+        return 2
+    backend_comparison(args.orders, args.batch, args.warmup, args.repeats)
+    return 0

@@ -1,0 +1,110 @@
+"""On a CUDA GPU: our exact scan against mamba-ssm's kernels, layers and whole networks across backends,
+and state dicts between mamba_ssm.Mamba and ours. Skipped without CUDA (conftest.py)."""
+
+import copy
+
+import pytest
+import torch
+
+from nnunet_segmamba.mamba import Mamba, plane_orders, scan_ops
+from nnunet_segmamba.mamba.scan import selective_scan
+from nnunet_segmamba.networks.mambaclinix import MambaClinix
+from nnunet_segmamba.networks.plans import build_network
+from nnunet_segmamba.networks.segmamba import SegMamba, SegMambaV2
+from nnunet_segmamba.tools.benchmark import preset_plans
+from nnunet_segmamba.training.base import autocast_dtype
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """TF32 convolutions and matmuls would dominate the differences we want to see."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def relative(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_auto_backend_is_the_kernels():
+    ops = scan_ops(CUDA)
+    assert ops.name == "cuda"
+
+
+@pytest.mark.parametrize("length,groups", [(100, 1), (4096, 3), (32768, 1)])
+def test_torch_scan_equals_mamba_ssm_kernel(length, groups):
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    g = torch.Generator(device=CUDA).manual_seed(length)
+    dim, n = 48, 16
+    shapes = [(2, dim, length), (2, dim, length), (dim, n), (2, groups, n, length), (2, groups, n, length), (dim,),
+              (2, dim, length), (dim,)]
+    tensors = [torch.randn(s, device=CUDA, generator=g) for s in shapes]
+    tensors[2] = -torch.rand(dim, n, device=CUDA, generator=g) - 0.1
+    results = []
+    for fn in (selective_scan_fn, selective_scan):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        u, delta, A, B, C, D, z, bias = leaves
+        out = fn(u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True)
+        grad_out = torch.randn(out.shape, device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(1))
+        results.append((out, torch.autograd.grad(out, leaves, grad_out)))
+    (kernel_out, kernel_grads), (ours_out, ours_grads) = results
+    assert relative(ours_out, kernel_out) < 1e-5
+    for name, ours, kernel in zip("u delta A B C D z delta_bias".split(), ours_grads, kernel_grads):
+        assert relative(ours, kernel) < 1e-4, name
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_layer_backends_agree(dtype, tolerance):
+    torch.manual_seed(0)
+    layers = {"torch": Mamba(64, orders=plane_orders(3), backend="torch").to(CUDA)}
+    layers["cuda"] = copy.deepcopy(layers["torch"])
+    layers["cuda"].backend = "cuda"
+    x = torch.randn(2, 16 ** 3, 64, device=CUDA)
+    results = {}
+    for name, layer in layers.items():
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = layer(leaf, (16, 16, 16))
+        out.float().square().mean().backward()
+        results[name] = [out, leaf.grad] + [p.grad for p in layer.parameters()]
+    for ours, kernel in zip(results["torch"], results["cuda"]):
+        assert relative(ours, kernel) < tolerance
+
+
+def test_state_dicts_move_between_mamba_ssm_and_ours():
+    from mamba_ssm import Mamba as MambaSSM
+
+    torch.manual_seed(0)
+    reference, ours = MambaSSM(96).to(CUDA), Mamba(96).to(CUDA)
+    x = torch.randn(2, 500, 96, device=CUDA)
+    ours.load_state_dict(reference.state_dict())
+    assert relative(ours(x), reference(x)) < 1e-4
+    back = MambaSSM(96).to(CUDA)
+    back.load_state_dict(Mamba(96).to(CUDA).state_dict())
+    ours.load_state_dict(back.state_dict())
+    assert relative(ours(x), back(x)) < 1e-4
+
+
+@pytest.mark.parametrize("network_class", [SegMambaV2, SegMamba, MambaClinix])
+def test_network_at_a_128_plan_gives_the_same_output_with_either_backend(network_class):
+    """A state dict trained with one backend loads and predicts the same with the other."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    configuration = PlansManager(preset_plans("3d_128", 4)).get_configuration("3d_128")
+    torch.manual_seed(0)
+    kernels = build_network(network_class, configuration, 4, 4, False).to(CUDA).eval()
+    exact = build_network(network_class, configuration, 4, 4, False, scan_backend="torch").to(CUDA).eval()
+    exact.load_state_dict(kernels.state_dict())
+    x = torch.randn(1, 4, 128, 128, 128, device=CUDA)
+    with torch.no_grad():
+        assert relative(exact(x), kernels(x)) < 1e-4
+
+
+def test_trainers_autocast_in_bf16_on_this_gpu():
+    assert autocast_dtype(CUDA) == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
