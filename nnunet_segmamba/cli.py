@@ -7,6 +7,7 @@ import importlib
 import sys
 
 TOOLS = {
+    "demo": ("demo", "the whole product on generated data, in a workspace of its own (the main job)"),
     "env": ("environment", "print the nnUNet_extTrainer line for nnU-Net's stock commands"),
     "doctor": ("doctor", "check the installation, GPU, scan backend and nnU-Net set-up"),
     "compare": ("compare", "compare trainers' nnU-Net results across datasets (tables, tests, plots)"),

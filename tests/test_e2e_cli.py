@@ -84,3 +84,21 @@ def test_train_predict_evaluate(preprocessed, trainer):
     summary = json.loads((predictions / "summary.json").read_text())
     assert 0.0 <= summary["foreground_mean"]["Dice"] <= 1.0
     assert set(summary["mean"]) == {"1", "2", "3", "4"}
+
+
+def test_five_fold_cross_validation_read_by_find_best_configuration(preprocessed):
+    """A full cross-validation of one of our trainers, as nnU-Net's own model selection reads it."""
+    root, env = preprocessed
+    trainer = "nnUNetTrainerSegMambaV2_ci"
+    model = Path(env["nnUNet_results"]) / f"Dataset{DATASET}_E2E" / f"{trainer}__nnUNetPlans__3d_fullres"
+    for fold in range(5):
+        if not (model / f"fold_{fold}" / "checkpoint_final.pth").is_file():  # fold 0 may come from the test above
+            stock(preprocessed, f"nnUNetv2_train {DATASET} 3d_fullres {fold} -tr {trainer} -device cpu",
+                  nnUNet_n_proc_DA="0")
+    stock(preprocessed, f"nnUNetv2_find_best_configuration {DATASET} -c 3d_fullres -tr {trainer} "
+                        f"-f 0 1 2 3 4 -np 1")
+    information = json.loads((model.parent / "inference_information.json").read_text())
+    best = information["best_model_or_ensemble"]["selected_model_or_models"]
+    assert [m["trainer"] for m in best] == [trainer]
+    assert (model / "crossval_results_folds_0_1_2_3_4" / "summary.json").is_file()
+    assert "nnUNetv2_predict" in (model.parent / "inference_instructions.txt").read_text()

@@ -31,6 +31,10 @@ PRESETS = {
 AMP = {"fp16": "float16", "bf16": "bfloat16", "fp32": None}
 
 
+class BenchmarkError(Exception):
+    """A bad argument or missing input: printed as one line, exit code 2."""
+
+
 @dataclass
 class Result:
     trainer: str
@@ -165,22 +169,34 @@ def load_configuration(args) -> tuple[dict, str, int, int]:
 
     if args.preset:
         return preset_plans(args.preset, args.in_channels), args.preset, args.in_channels, args.num_classes
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    if args.plans_file:
+        plans_file = Path(args.plans_file)
+        if not plans_file.is_file():
+            raise BenchmarkError(f"no plans file {plans_file}")
+        plans, dataset_json = load_json(str(plans_file)), None
+    else:
+        from nnunetv2.paths import nnUNet_preprocessed
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+        if not nnUNet_preprocessed.is_set():
+            raise BenchmarkError("nnUNet_preprocessed is not set; export it, or use --preset / --plans-file")
+        try:
+            folder = Path(nnUNet_preprocessed.get()) / maybe_convert_to_dataset_name(args.dataset)
+        except RuntimeError as error:
+            raise BenchmarkError(str(error).split(". ")[0]) from None
+        plans_file = folder / f"{args.plans}.json"
+        if not plans_file.is_file():
+            raise BenchmarkError(f"no plans file {plans_file}; run nnUNetv2_plan_and_preprocess -d {args.dataset}")
+        plans, dataset_json = load_json(str(plans_file)), load_json(str(folder / "dataset.json"))
+    if args.configuration not in plans["configurations"]:
+        raise BenchmarkError(f"{plans_file} has no configuration {args.configuration!r}; it has "
+                             f"{', '.join(plans['configurations'])}")
+    if dataset_json is None:
+        return plans, args.configuration, args.in_channels, args.num_classes
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    if not nnUNet_preprocessed.is_set():
-        raise SystemExit("error: nnUNet_preprocessed is not set; export it, or use --preset")
-    folder = Path(nnUNet_preprocessed.get()) / maybe_convert_to_dataset_name(args.dataset)
-    plans_file = Path(args.plans_file) if args.plans_file else folder / f"{args.plans}.json"
-    if not plans_file.is_file():
-        raise SystemExit(f"error: no plans file {plans_file}; run nnUNetv2_plan_and_preprocess -d {args.dataset}")
-    plans, dataset_json = load_json(str(plans_file)), load_json(str(folder / "dataset.json"))
     manager = PlansManager(plans)
-    if args.configuration not in plans["configurations"]:
-        raise SystemExit(f"error: {plans_file} has no configuration {args.configuration!r}; it has "
-                         f"{', '.join(plans['configurations'])}")
     in_channels = determine_num_input_channels(manager, manager.get_configuration(args.configuration), dataset_json)
     return plans, args.configuration, in_channels, manager.get_label_manager(dataset_json).num_segmentation_heads
 
@@ -190,12 +206,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("-d", "--dataset", help="dataset id or name (plans from nnUNet_preprocessed)")
     source.add_argument("--preset", choices=sorted(PRESETS), help="a built-in nnU-Net configuration (no dataset)")
+    source.add_argument("--plans-file", help="a plans JSON file (channels from --in-channels / --num-classes)")
     parser.add_argument("-c", "--configuration", default="3d_fullres")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (with -d)")
-    parser.add_argument("--plans-file", help="a plans JSON file instead of nnUNet_preprocessed/<dataset>/<plans>.json")
     parser.add_argument("-tr", "--trainers", nargs="+", required=True, help="trainer class names (any nnU-Net trainer)")
-    parser.add_argument("--in-channels", type=int, default=4, help="input channels for --preset (default 4)")
-    parser.add_argument("--num-classes", type=int, default=4, help="output channels for --preset (default 4)")
+    parser.add_argument("--in-channels", type=int, default=4, help="input channels without -d (default 4)")
+    parser.add_argument("--num-classes", type=int, default=4, help="output channels without -d (default 4)")
     parser.add_argument("--batch-size", type=int, help="override the configuration's batch size")
     parser.add_argument("--amp", choices=sorted(AMP), default="fp16", help="autocast dtype for all (default fp16)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -226,7 +242,11 @@ def main(args: argparse.Namespace) -> int:
     from nnunet_segmamba.mamba import describe_backend
     from nnunet_segmamba.tools.environment import find_trainer
 
-    plans, configuration_name, in_channels, num_classes = load_configuration(args)
+    try:
+        plans, configuration_name, in_channels, num_classes = load_configuration(args)
+    except BenchmarkError as error:
+        print(f"error: {error}")
+        return 2
     manager = PlansManager(plans)
     configuration = manager.get_configuration(configuration_name)
     batch_size = args.batch_size or configuration.batch_size

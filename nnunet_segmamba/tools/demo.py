@@ -1,0 +1,250 @@
+"""`nnunet-segmamba demo`: the whole product on generated data, through nnU-Net's stock commands.
+
+In its own workspace (nnUNet_raw/preprocessed/results of its own, never the user's): generate a dataset,
+nnUNetv2_plan_and_preprocess, then for nnU-Net's default trainer and each of ours, with a short budget:
+nnUNetv2_train (fold 0), nnUNetv2_predict on the held-out cases, nnUNetv2_evaluate_folder; finally a
+comparison table (test Dice per class and mean, validation Dice, training time, parameters) and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nnunet_segmamba.datasets.synthetic import LABELS
+
+MARKER = ".nnunet_segmamba_demo"
+PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
+"""The user's values of these never reach the demo's commands (its settings such as nnUNet_def_n_proc do)."""
+DATASET_ID = 990
+TRAINERS = ["nnUNetTrainer", "nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMamba", "nnUNetTrainerMambaClinix"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much data and training a demo run gets."""
+
+    preset: str
+    shape: tuple[int, int, int]
+    cases: int
+    test_cases: int
+    epochs: int
+    iterations: int
+
+
+BUDGETS = {  # cpu: ~10 min on 2 cores for the four default trainers (a smoke run: Dice stays low)
+    "cpu": Budget("iso", (16, 40, 40), cases=6, test_cases=2, epochs=3, iterations=6),
+    "gpu": Budget("iso", (48, 64, 64), cases=20, test_cases=6, epochs=10, iterations=40),
+}
+PROGRESS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Epoch time", "Preprocessing",
+            "predicting", "Training done")
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+class Workspace:
+    """The demo's folders; the environment its subprocesses run in."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.raw, self.preprocessed, self.results = (root / n for n in ("nnUNet_raw", "nnUNet_preprocessed",
+                                                                        "nnUNet_results"))
+        self.trainers, self.logs, self.predictions = root / "trainers", root / "logs", root / "predictions"
+
+    def prepare(self) -> None:
+        """Create the workspace, replacing an earlier demo's; refuse a folder that is not one."""
+        if self.root.exists():
+            if not (self.root / MARKER).exists():
+                raise StepFailed(f"{self.root} exists and is not a demo workspace; choose another --workspace.")
+            shutil.rmtree(self.root)
+        for folder in (self.raw, self.preprocessed, self.results, self.trainers, self.logs, self.predictions):
+            folder.mkdir(parents=True)
+        (self.root / MARKER).write_text("created by nnunet-segmamba demo; safe to delete\n")
+
+    def environment(self) -> dict[str, str]:
+        from nnunet_segmamba.tools.environment import trainers_folder
+
+        env = {k: v for k, v in os.environ.items() if k not in PATH_VARIABLES}
+        env.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
+                   nnUNet_results=str(self.results), PYTHONUNBUFFERED="1",
+                   nnUNet_extTrainer=os.pathsep.join([trainers_folder(), str(self.trainers)]))
+        # nnU-Net spawns 8 export processes by default; on small machines starting them costs more than the work
+        env.setdefault("nnUNet_def_n_proc", str(max(1, min(8, (os.cpu_count() or 2) // 2))))
+        # nnUNetTrainer compiles on CUDA by default; in a run this short the compilation would dominate its time
+        env.setdefault("nnUNet_compile", "f")
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+
+def run_step(name: str, command: list[str], workspace: Workspace, env: dict[str, str]) -> float:
+    """Run a stock command, its output to logs/<name>.log and progress lines to the terminal; seconds taken."""
+    log_path = workspace.logs / f"{name}.log"
+    print(f"\n>> {name}: {' '.join(command)}", flush=True)
+    begin = time.time()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                   start_new_session=True)
+        try:
+            for line in process.stdout:
+                log.write(line)
+                if any(key in line for key in PROGRESS):
+                    print(f"   {line.rstrip()[-110:]}", flush=True)
+            process.wait()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            raise
+    if process.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+        raise StepFailed(f"step '{name}' failed (exit code {process.returncode}); full log: {log_path}\n{tail}")
+    seconds = time.time() - begin
+    print(f"   done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def parameters(trainer_name: str, workspace: Workspace, dataset: str) -> float:
+    """Millions of parameters of the trainer's network for the demo's plans."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_segmamba.tools.environment import find_trainer
+
+    folder = workspace.results / dataset / f"{trainer_name}__nnUNetPlans__3d_fullres"
+    plans, dataset_json = PlansManager(load_json(str(folder / "plans.json"))), load_json(str(folder / "dataset.json"))
+    configuration = plans.get_configuration("3d_fullres")
+    network = find_trainer(trainer_name).build_network_architecture(
+        plans, configuration, determine_num_input_channels(plans, configuration, dataset_json),
+        plans.get_label_manager(dataset_json).num_segmentation_heads, False)
+    return sum(p.numel() for p in network.parameters()) / 1e6
+
+
+def report(rows: list[dict], workspace: Workspace, budget: Budget, epochs: int, iterations: int,
+           device: str) -> str:
+    """The comparison table; writes report.md, report.json and dice.png into the workspace atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = [name for name, value in LABELS.items() if value]
+    header = ["trainer", *classes, "mean Dice (test)", "Dice (val, fold 0)", "train min", "params M"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["trainer"], *(f"{row['dice'][c]:.3f}" for c in classes), f"{row['mean_dice']:.3f}",
+                 f"{row['validation_dice']:.3f}", f"{row['train_seconds'] / 60:.1f}", f"{row['params_m']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    title = (f"Demo on generated data ({budget.cases} training / {budget.test_cases} test cases, shape ~"
+             f"{'x'.join(map(str, budget.shape))}), fold 0, {epochs} epochs x {iterations} iterations, {device}"
+             f"{' (test prediction without mirroring)' if device == 'cpu' else ''}")
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        axis.bar([c + i * width for c in range(len(classes))], [row["dice"][c] for c in classes], width,
+                 label=row["trainer"])
+    axis.set_xticks([c + 0.4 - width / 2 for c in range(len(classes))], classes)
+    axis.set_ylabel("test Dice")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    axis.set_title("nnunet-segmamba demo", fontsize=10)
+    figure.tight_layout()
+
+    staging = Path(tempfile.mkdtemp(dir=workspace.root, prefix=".report."))
+    figure.savefig(staging / "dice.png", dpi=100)
+    (staging / "report.md").write_text(f"# {title}\n\n{table}\n\n![test Dice per class](dice.png)\n")
+    (staging / "report.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2))
+    for item in staging.iterdir():
+        item.replace(workspace.root / item.name)
+    staging.rmdir()
+    return f"{title}\n\n{table}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0].split(": ", 1)[1]
+    parser.add_argument("--workspace", default="nnunet_segmamba_demo", help="folder of its own (replaced if it "
+                        "holds an earlier demo; default ./nnunet_segmamba_demo)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    parser.add_argument("-tr", "--trainers", nargs="+", default=TRAINERS, help=f"default: {' '.join(TRAINERS)}")
+    parser.add_argument("--epochs", type=int, help="override the budget's epochs")
+    parser.add_argument("--iterations", type=int, help="override the budget's iterations per epoch")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from nnunet_segmamba.datasets.raw import write_raw_dataset
+    from nnunet_segmamba.datasets.synthetic import spec_from_preset
+    from nnunet_segmamba.tools.environment import find_trainer
+    from nnunet_segmamba.training.variants import write_variants_module
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    budget = BUDGETS["gpu" if device == "cuda" else "cpu"]
+    epochs, iterations = args.epochs or budget.epochs, args.iterations or budget.iterations
+    workspace = Workspace(Path(args.workspace).resolve())
+    started = time.time()
+    env = workspace.environment()
+    os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # this process's own trainer lookups
+    try:
+        try:
+            bases = {name: find_trainer(name) for name in args.trainers}
+        except RuntimeError as error:
+            raise StepFailed(str(error).split(" in nnunetv2")[0] + ": is the name right?") from error
+        workspace.prepare()
+        print(f"nnunet-segmamba demo: workspace {workspace.root}, device {device}, trainers {', '.join(bases)}")
+        print(f"\n>> generating {budget.cases} + {budget.test_cases} cases ({budget.preset}, {budget.shape})")
+        spec = spec_from_preset(budget.preset, shape=budget.shape)
+        raw = write_raw_dataset(workspace.raw, DATASET_ID, "Demo", spec, budget.cases, budget.test_cases, seed=0,
+                                processes=max(1, min(8, (os.cpu_count() or 2) // 2)))
+        dataset = raw.name
+        short = {f"{name}_demo": (base, {"num_epochs": epochs, "num_iterations_per_epoch": iterations,
+                                         "num_val_iterations_per_epoch": max(1, iterations // 5)})
+                 for name, base in bases.items()}
+        write_variants_module(workspace.trainers, "demo_trainers", short)
+        run_step("plan_and_preprocess", ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres",
+                                         "-np", "2"], workspace, env)
+        train_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0" if device == "cpu" else "8")}
+        rows = []
+        for name in short:
+            seconds = run_step(f"train_{name}", ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", name,
+                                                 "-device", device], workspace, train_env)
+            predictions = workspace.predictions / name
+            run_step(f"predict_{name}", ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(predictions),
+                                         "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", name, "-f", "0",
+                                         "-device", device, "-npp", "1", "-nps", "1",
+                                         *(["--disable_tta"] if device == "cpu" else [])], workspace, env)
+            model = workspace.results / dataset / f"{name}__nnUNetPlans__3d_fullres"
+            run_step(f"evaluate_{name}", ["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(predictions),
+                                          "-djfile", str(raw / "dataset.json"), "-pfile", str(model / "plans.json"),
+                                          "-np", "1"], workspace, env)
+            test = json.loads((predictions / "summary.json").read_text())
+            validation = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
+            rows.append({"trainer": name, "dice": {c: test["mean"][str(v)]["Dice"] for c, v in LABELS.items() if v},
+                         "mean_dice": test["foreground_mean"]["Dice"],
+                         "validation_dice": validation["foreground_mean"]["Dice"], "train_seconds": seconds,
+                         "params_m": parameters(name, workspace, dataset)})
+        print("\n" + report(rows, workspace, budget, epochs, iterations, device))
+    except StepFailed as error:
+        print(f"\nerror: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the demo stopped; {workspace.root} holds the steps done so far (no report). "
+              "Run the demo again to start over.", file=sys.stderr)
+        return 130
+    print(f"\nReport: {workspace.root / 'report.md'} (plot: dice.png); {time.time() - started:.0f} s in all.\n"
+          f"Compare the trainers' fold-0 results with:\n  nnUNet_results={workspace.results} nnunet-segmamba "
+          f"compare -d {DATASET_ID} -tr {' '.join(short)} --baseline {next(iter(short))} -f 0 "
+          f"-o {workspace.root / 'compare'}")
+    return 0
