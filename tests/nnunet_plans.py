@@ -61,14 +61,19 @@ def patch_112():
     return configuration([112] * 3, [[1, 1, 1]] + [[2, 2, 2]] * 4, [[3, 3, 3]] * 5, [4, 8, 16, 24, 32])
 
 
+def patch_96():
+    """3d_fullres for a 96^3 patch (6 stages), where SegMamba's released code scans the wrong axis."""
+    return configuration([96] * 3, [[1, 1, 1]] + [[2, 2, 2]] * 5, [[3, 3, 3]] * 6, [4, 8, 16, 24, 32, 32])
+
+
 def resenc():
     """nnU-Net's ResEnc preset (n_blocks_per_stage), isotropic."""
     return configuration([64] * 3, [[1, 1, 1]] + [[2, 2, 2]] * 5, [[3, 3, 3]] * 6, [4, 8, 16, 24, 32, 32],
                          network=RESENC, blocks=[1, 3, 4, 6, 6, 6])
 
 
-EXAMPLES = {"iso": iso, "anisotropic": anisotropic, "lowres": lowres, "2d": two_d, "112": patch_112,
-            "resenc": resenc}
+EXAMPLES = {"iso": iso, "anisotropic": anisotropic, "lowres": lowres, "2d": two_d, "96": patch_96,
+            "112": patch_112, "resenc": resenc}
 
 
 def deep_supervision_shapes(configuration: ConfigurationManager) -> list[tuple[int, ...]]:

@@ -18,7 +18,7 @@ def build(network_class, configuration, deep_supervision=True, **options):
 
 
 @pytest.mark.parametrize("network_class", [SegMambaV2, SegMamba])
-@pytest.mark.parametrize("example", ["iso", "anisotropic", "lowres", "2d", "112", "resenc"])
+@pytest.mark.parametrize("example", ["iso", "anisotropic", "lowres", "2d", "96", "112", "resenc"])
 def test_deep_supervision_outputs_match_nnunet_targets(network_class, example):
     """At the plans' own patch size, batch size 1."""
     configuration = nnunet_plans.EXAMPLES[example]()

@@ -1,0 +1,69 @@
+"""`nnunet-segmamba demo`: the stock pipeline in its own workspace, a report, clear failures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_segmamba.cli import main
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+
+
+def demo(workspace: Path, *extra: str, **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    clean.update(env, OMP_NUM_THREADS="2")
+    return subprocess.run([str(BIN / "nnunet-segmamba"), "demo", "--workspace", str(workspace), *extra],
+                          capture_output=True, text=True, env=clean, timeout=1200)
+
+
+def test_demo_trains_predicts_evaluates_and_reports(tmp_path):
+    user = {name: tmp_path / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for folder in user.values():
+        folder.mkdir()
+    workspace = tmp_path / "demo"
+    result = demo(workspace, "-tr", "nnUNetTrainer", "nnUNetTrainerSegMambaV2", "--epochs", "1", "--iterations",
+                  "2", "--device", "cpu", **{k: str(v) for k, v in user.items()})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| nnUNetTrainerSegMambaV2_demo |" in result.stdout and "mean Dice (test)" in result.stdout
+    assert ">> train_nnUNetTrainer_demo" in result.stdout and "Epoch 0" in result.stdout  # progress shown
+    report = json.loads((workspace / "report.json").read_text())
+    assert [row["trainer"] for row in report["rows"]] == ["nnUNetTrainer_demo", "nnUNetTrainerSegMambaV2_demo"]
+    assert all(0 <= row["mean_dice"] <= 1 and row["params_m"] > 0 for row in report["rows"])
+    assert (workspace / "dice.png").stat().st_size > 0 and "![test Dice" in (workspace / "report.md").read_text()
+    assert all(not any(folder.iterdir()) for folder in user.values())  # the user's nnU-Net folders untouched
+    assert "nnunet-segmamba compare -d 990" in result.stdout
+    # the workspace feeds `compare` as the demo's last line says
+    compared = subprocess.run([str(BIN / "nnunet-segmamba"), "compare", "-d", "990", "-tr", "nnUNetTrainer_demo",
+                               "nnUNetTrainerSegMambaV2_demo", "--baseline", "nnUNetTrainer_demo", "-f", "0", "-o",
+                               str(tmp_path / "compare")], capture_output=True, text=True,
+                              env={**os.environ, "nnUNet_results": str(workspace / "nnUNet_results")})
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert "nnUNetTrainerSegMambaV2_demo" in compared.stdout and (tmp_path / "compare" / "compare.md").is_file()
+
+
+def test_demo_refuses_a_folder_it_did_not_create(tmp_path, capsys):
+    (tmp_path / "precious.txt").write_text("keep me")
+    assert main(["demo", "--workspace", str(tmp_path), "-tr", "nnUNetTrainer"]) == 1
+    assert "is not a demo workspace" in capsys.readouterr().err
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_unknown_trainer_is_named(tmp_path, capsys):
+    assert main(["demo", "--workspace", str(tmp_path / "w"), "-tr", "nnUNetTrainerNope"]) == 1
+    assert "nnUNetTrainerNope" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to make training fail")
+def test_failed_step_names_its_log_and_writes_no_report(tmp_path):
+    workspace = tmp_path / "demo"
+    result = demo(workspace, "-tr", "nnUNetTrainer", "--device", "cuda", "--epochs", "1", "--iterations", "1")
+    assert result.returncode == 1
+    assert "step 'train_nnUNetTrainer_demo' failed" in result.stderr
+    assert str(workspace / "logs" / "train_nnUNetTrainer_demo.log") in result.stderr
+    assert not (workspace / "report.md").exists()
