@@ -43,7 +43,7 @@ class Budget:
 
 BUDGETS = {  # cpu: ~10 min on 2 cores for the four default trainers (a smoke run: Dice stays low)
     "cpu": Budget("iso", (16, 40, 40), cases=6, test_cases=2, epochs=3, iterations=6),
-    "gpu": Budget("iso", (48, 64, 64), cases=20, test_cases=6, epochs=10, iterations=40),
+    "gpu": Budget("iso", (48, 64, 64), cases=20, test_cases=4, epochs=10, iterations=40),
 }
 PROGRESS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Epoch time", "Preprocessing",
             "predicting", "Training done")
@@ -80,7 +80,7 @@ class Workspace:
                    nnUNet_results=str(self.results), PYTHONUNBUFFERED="1",
                    nnUNet_extTrainer=os.pathsep.join([trainers_folder(), str(self.trainers)]))
         # nnU-Net spawns 8 export processes by default; on small machines starting them costs more than the work
-        env.setdefault("nnUNet_def_n_proc", str(max(1, min(8, (os.cpu_count() or 2) // 2))))
+        env.setdefault("nnUNet_def_n_proc", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
         # nnUNetTrainer compiles on CUDA by default; in a run this short the compilation would dominate its time
         env.setdefault("nnUNet_compile", "f")
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
