@@ -12,6 +12,7 @@ TOOLS = {
     "doctor": ("doctor", "check the installation, GPU, scan backend and nnU-Net set-up"),
     "compare": ("compare", "compare trainers' nnU-Net results across datasets (tables, tests, plots)"),
     "synth": ("synth", "write a generated nnU-Net raw dataset"),
+    "plan": ("plan", "plan patch and batch sizes that fit our network in a GPU memory target"),
     "benchmark": ("benchmark", "time and size trainers' networks at a plans configuration"),
     "benchmark-scan": ("scan_benchmark", "compare the scan backends (errors, times)"),
 }

@@ -1,4 +1,2 @@
-"""Plans presets and Mamba-aware experiment planners for our networks.
-
-None ship yet: our trainers read nnU-Net's own plans (default and ResEnc presets) as they are.
-"""
+"""Mamba-aware experiment planners (`planners`) and the memory model they use (`memory`, fitted to the
+measurements in `calibration.json`). Run through `nnunet-segmamba plan`."""

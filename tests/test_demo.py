@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,20 @@ def test_failed_step_names_its_log_and_writes_no_report(tmp_path):
     assert "step 'train_nnUNetTrainer_demo' failed" in result.stderr
     assert str(workspace / "logs" / "train_nnUNetTrainer_demo.log") in result.stderr
     assert not (workspace / "report.md").exists()
+
+
+def test_steps_side_by_side_log_each_and_a_failure_stops_the_others(tmp_path):
+    from nnunet_segmamba.tools.demo import StepFailed, Workspace, run_steps
+
+    workspace = Workspace(tmp_path)
+    workspace.logs.mkdir()
+    python = [sys.executable, "-c"]
+    seconds = run_steps({"a": [*python, "print('Epoch 0')"], "b": [*python, "print('Epoch 1')"]}, workspace,
+                        dict(os.environ))
+    assert set(seconds) == {"a", "b"}
+    assert [(workspace.logs / f"{n}.log").read_text() for n in "ab"] == ["Epoch 0\n", "Epoch 1\n"]
+    started = time.time()
+    with pytest.raises(StepFailed, match=r"step 'broken' failed \(exit code 3\).*broken.log\nbad input"):
+        run_steps({"slow": [*python, "import time; time.sleep(60)"],
+                   "broken": [*python, "import sys; print('bad input'); sys.exit(3)"]}, workspace, dict(os.environ))
+    assert time.time() - started < 30  # the slow step was stopped, not waited for

@@ -18,7 +18,7 @@ def test_wheel_contains_every_package_and_the_trainer_folder(tmp_path):
     for package in source_packages:
         assert f"{package}/__init__.py" in names, f"{package} is missing from the wheel (pyproject packages list)"
     for folder in ("trainers", "plans"):
-        for module in (ROOT / folder).glob("*.py"):
+        for module in (*(ROOT / folder).glob("*.py"), *(ROOT / folder).glob("*.json")):
             assert f"nnunet_segmamba/{folder}/{module.name}" in names
 
     target = tmp_path / "site"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ CUDA_INSTALL_HINT = (
     "(needs nvcc; see README, 'GPU install'), or set NNUNET_SEGMAMBA_SCAN=torch to silence this"
 )
 logger = logging.getLogger("nnunet_segmamba")
+
+KERNEL_ELEMENT_LIMIT = 2**31 - 1
+"""mamba-ssm and causal-conv1d index with 32-bit integers: per call, (batch, dim, L) inputs and the scan's saved
+state (batch, dim, ceil(L / 2048), 2 * d_state) must stay below this. Larger batches are split."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,42 @@ def conv1d_silu_torch(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 TORCH_OPS = ScanOps("torch", "exact PyTorch chunked scan", conv1d_silu_torch, torch_selective_scan)
 
 
+def batch_slices(batch: int, elements_per_sample: int) -> list[slice]:
+    """Batch slices whose kernel tensors stay under KERNEL_ELEMENT_LIMIT; an error if one sample does not."""
+    if elements_per_sample > KERNEL_ELEMENT_LIMIT:
+        raise RuntimeError(f"One sample of this Mamba layer needs {elements_per_sample} elements in one kernel "
+                           f"tensor, beyond mamba-ssm's 32-bit indexing ({KERNEL_ELEMENT_LIMIT}). Use a smaller "
+                           f"patch or fewer channels at this stage, or the exact PyTorch scan (NNUNET_SEGMAMBA_SCAN=torch).")
+    step = max(1, KERNEL_ELEMENT_LIMIT // max(1, elements_per_sample))
+    return [slice(start, start + step) for start in range(0, batch, step)]
+
+
+def split_scan(kernel: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """`kernel` (selective_scan_fn's contract) called on batch slices that fit its 32-bit indexing."""
+    def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+             z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False) -> Tensor:
+        _, dim, length = u.shape
+        state = dim * math.ceil(length / 2048) * 2 * A.shape[-1]
+        slices = batch_slices(u.shape[0], max(dim * length, state))
+        if len(slices) == 1:
+            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return torch.cat([kernel(u[s], delta[s], A, B[s], C[s], D, None if z is None else z[s], delta_bias,
+                                 delta_softplus) for s in slices])
+    return scan
+
+
+def split_conv(kernel: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Callable[..., Tensor]:
+    """`kernel` (conv1d_silu's contract) called on batch slices that fit its 32-bit indexing."""
+    def conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        slices = batch_slices(x.shape[0], x.shape[1] * x.shape[2])
+        if len(slices) == 1:
+            return kernel(x, weight, bias)
+        return torch.cat([kernel(x[s], weight, bias) for s in slices])
+    return conv
+
+
 def _mamba_kernel_import() -> tuple[ScanOps | None, str]:
-    """mamba-ssm's kernels as ScanOps, or (None, why not)."""
+    """mamba-ssm's kernels as ScanOps (split by batch where they would overflow), or (None, why not)."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
     except Exception as error:  # ImportError, or OSError "undefined symbol" for a build of another torch
@@ -63,13 +102,14 @@ def _mamba_kernel_import() -> tuple[ScanOps | None, str]:
         from causal_conv1d import causal_conv1d_fn
     except Exception:
         return ScanOps("cuda", "mamba-ssm selective scan; conv1d in PyTorch (no causal-conv1d)",
-                       conv1d_silu_torch, selective_scan_fn), ""
+                       conv1d_silu_torch, split_scan(selective_scan_fn)), ""
 
     def conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         bias = None if bias is None else bias.to(x.dtype)
         return causal_conv1d_fn(x, weight.squeeze(1).to(x.dtype), bias, activation="silu")
 
-    return ScanOps("cuda", "mamba-ssm selective scan + causal-conv1d", conv1d_silu, selective_scan_fn), ""
+    return ScanOps("cuda", "mamba-ssm selective scan + causal-conv1d", split_conv(conv1d_silu),
+                   split_scan(selective_scan_fn)), ""
 
 
 @functools.cache
@@ -78,18 +118,22 @@ def _cuda_ops(device_index: int) -> tuple[ScanOps | None, str]:
     ops, reason = _mamba_kernel_import()
     if ops is None:
         return None, reason
+    problem = probe(ops, torch.device("cuda", device_index))
+    return (None, problem) if problem else (ops, "")
+
+
+def probe(ops: ScanOps, device: torch.device) -> str:
+    """Why `ops` cannot run on `device` ('' if a tiny conv + scan runs and is finite)."""
     try:
-        x = torch.randn(1, 2, 8, device=f"cuda:{device_index}")
-        y = ops.selective_scan(x, x.abs(), -torch.ones(2, 4, device=x.device),
-                               torch.randn(1, 4, 8, device=x.device), torch.randn(1, 4, 8, device=x.device))
-        ops.conv1d_silu(x, torch.ones(2, 1, 4, device=x.device), None)
-        torch.cuda.synchronize(x.device)
+        x = torch.randn(1, 2, 8, device=device)
+        y = ops.selective_scan(x, x.abs(), -torch.ones(2, 4, device=device), torch.randn(1, 4, 8, device=device),
+                               torch.randn(1, 4, 8, device=device))
+        ops.conv1d_silu(x, torch.ones(2, 1, 4, device=device), None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except Exception as error:  # e.g. "no kernel image is available for execution on the device"
-        name = torch.cuda.get_device_name(device_index)
-        return None, f"mamba-ssm's kernels do not run on {name} ({type(error).__name__}: {error})"
-    if not torch.isfinite(y).all():
-        return None, "mamba-ssm's kernel returned non-finite values on a self-test"
-    return ops, ""
+        return f"{ops.description} does not run on {device} ({type(error).__name__}: {error})"
+    return "" if torch.isfinite(y).all() else f"{ops.description} returned non-finite values on a self-test"
 
 
 def requested_backend(backend: str | None = None) -> str:

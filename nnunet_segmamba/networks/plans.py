@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pydoc
 from typing import Any
 
@@ -30,9 +31,24 @@ def arch_kwargs(configuration: ConfigurationManager) -> dict[str, Any]:
     return kwargs
 
 
+def check_patch_size(configuration: ConfigurationManager) -> None:
+    """The patch must be divisible by the product of the strides on every axis (nnU-Net's planner ensures it;
+    hand-edited plans may not)."""
+    strides = configuration.network_arch_init_kwargs.get("strides")
+    patch = configuration.patch_size
+    if not strides or not isinstance(strides[0], (list, tuple)):
+        return
+    total = [math.prod(axis) for axis in zip(*strides)]
+    if len(total) != len(patch) or any(p % t for p, t in zip(patch, total)):
+        raise ValueError(f"Plans: patch_size {list(patch)} does not fit architecture.arch_kwargs.strides, whose product "
+                         f"per axis is {total}: every patch_size entry must be a multiple of it. Fix the edited "
+                         f"plans, or re-run nnUNetv2_plan_experiment.")
+
+
 def build_network(network_class: type[nn.Module], configuration: ConfigurationManager, num_input_channels: int,
                   num_output_channels: int, deep_supervision: bool, **options: Any) -> nn.Module:
     """`network_class` built from a plans configuration; `options` are defaults the plans may override."""
+    check_patch_size(configuration)
     network = network_class(input_channels=num_input_channels, num_classes=num_output_channels,
                             deep_supervision=deep_supervision, **{**options, **arch_kwargs(configuration)})
     if hasattr(network, "initialize"):

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +45,7 @@ class Result:
     train_peak_gib: float | None
     inference_ms: float
     inference_peak_gib: float | None
+    network: str  # dotted class name
 
 
 def preset_plans(name: str, in_channels: int) -> dict:
@@ -160,7 +162,7 @@ def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, i
     network.decoder.deep_supervision = True
     params = sum(p.numel() for p in network.parameters())
     return Result(trainer_name, params / 1e6, counter.get_total_flops() / 1e9, train_ms, train_peak, inference_ms,
-                  inference_peak)
+                  inference_peak, f"{type(network).__module__}.{type(network).__qualname__}")
 
 
 def load_configuration(args) -> tuple[dict, str, int, int]:
@@ -243,6 +245,9 @@ def main(args: argparse.Namespace) -> int:
     from nnunet_segmamba.tools.environment import find_trainer
 
     try:
+        folder = Path(args.output).resolve().parent if args.output else None
+        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise BenchmarkError(f"cannot write {args.output}: its folder is missing or not writable")
         plans, configuration_name, in_channels, num_classes = load_configuration(args)
     except BenchmarkError as error:
         print(f"error: {error}")
@@ -275,9 +280,16 @@ def main(args: argparse.Namespace) -> int:
           f"batch 1; medians of {args.repeats} after {args.warmup} warm-up)")
     if args.output:
         payload = {"configuration": configuration_name, "patch_size": configuration.patch_size,
-                   "batch_size": batch_size, "amp": args.amp, "device": str(device),
+                   "batch_size": batch_size, "in_channels": in_channels, "num_classes": num_classes,
+                   "architecture": {"arch_kwargs": configuration.network_arch_init_kwargs,
+                                    "_kw_requires_import": configuration.network_arch_init_kwargs_req_import},
+                   "amp": args.amp, "device": str(device),
                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                    "results": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
                                 for k, v in asdict(r).items()} for r in results]}
-        Path(args.output).write_text(json.dumps(payload, indent=2))
+        try:
+            Path(args.output).write_text(json.dumps(payload, indent=2))
+        except OSError as error:
+            print(f"error: cannot write {args.output}: {error}")
+            return 2
     return 0

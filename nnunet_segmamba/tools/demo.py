@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,9 @@ class Budget:
     iterations: int
 
 
-BUDGETS = {  # cpu: ~10 min on 2 cores for the four default trainers (a smoke run: Dice stays low)
+BUDGETS = {  # for the four default trainers: cpu ~8 min on 2 cores, gpu ~9 min on an H100 (a smoke run: Dice stays low)
     "cpu": Budget("iso", (16, 40, 40), cases=6, test_cases=2, epochs=3, iterations=6),
-    "gpu": Budget("iso", (48, 64, 64), cases=20, test_cases=4, epochs=10, iterations=40),
+    "gpu": Budget("iso", (48, 64, 64), cases=20, test_cases=4, epochs=5, iterations=50),
 }
 PROGRESS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Epoch time", "Preprocessing",
             "predicting", "Training done")
@@ -87,29 +88,51 @@ class Workspace:
         return env
 
 
-def run_step(name: str, command: list[str], workspace: Workspace, env: dict[str, str]) -> float:
-    """Run a stock command, its output to logs/<name>.log and progress lines to the terminal; seconds taken."""
-    log_path = workspace.logs / f"{name}.log"
-    print(f"\n>> {name}: {' '.join(command)}", flush=True)
-    begin = time.time()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                   start_new_session=True)
-        try:
+def run_steps(steps: dict[str, list[str]], workspace: Workspace, env: dict[str, str]) -> dict[str, float]:
+    """Run stock commands side by side, each one's output to logs/<name>.log and its progress lines to the
+    terminal; seconds each took. Any failure or interruption stops them all."""
+    print("".join(f"\n>> {name}: {' '.join(command)}" for name, command in steps.items()), flush=True)
+    prefix = "   " if len(steps) == 1 else "   {}: "
+    begin, seconds, processes, readers = time.time(), {}, {}, []
+
+    def follow(name: str, process: subprocess.Popen, log_path: Path) -> None:
+        with open(log_path, "w") as log:
             for line in process.stdout:
                 log.write(line)
                 if any(key in line for key in PROGRESS):
-                    print(f"   {line.rstrip()[-110:]}", flush=True)
-            process.wait()
-        except BaseException:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait()
+                    print(f"{prefix.format(name)}{line.rstrip()[-110:]}", flush=True)
+        process.wait()
+        seconds[name] = time.time() - begin
+
+    try:
+        for name, command in steps.items():
+            processes[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                               env=env, start_new_session=True)
+            readers.append(threading.Thread(target=follow, args=(name, processes[name], workspace.logs /
+                                                                 f"{name}.log"), daemon=True))
+            readers[-1].start()
+        for reader in readers:
+            while reader.is_alive():
+                reader.join(0.2)
+                failed = [n for n, p in processes.items() if p.poll() not in (None, 0)]
+                if failed:
+                    raise StepFailed(failed[0])
+    except BaseException as error:
+        for process in processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait()
+        for reader in readers:
+            reader.join()
+        if not isinstance(error, StepFailed):
             raise
-    if process.returncode != 0:
+        name = str(error)
+        log_path = workspace.logs / f"{name}.log"
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise StepFailed(f"step '{name}' failed (exit code {process.returncode}); full log: {log_path}\n{tail}")
-    seconds = time.time() - begin
-    print(f"   done in {seconds:.0f} s", flush=True)
+        raise StepFailed(f"step '{name}' failed (exit code {processes[name].returncode}); full log: {log_path}\n"
+                         f"{tail}") from None
+    for name in steps:
+        print(f"{prefix.format(name)}done in {seconds[name]:.0f} s", flush=True)
     return seconds
 
 
@@ -213,30 +236,38 @@ def main(args: argparse.Namespace) -> int:
                                          "num_val_iterations_per_epoch": max(1, iterations // 5)})
                  for name, base in bases.items()}
         write_variants_module(workspace.trainers, "demo_trainers", short)
-        run_step("plan_and_preprocess", ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres",
-                                         "-np", "2"], workspace, env)
+        run_steps({"plan_and_preprocess": ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c",
+                                           "3d_fullres", "-np", "2"]}, workspace, env)
         train_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0" if device == "cpu" else "8")}
-        rows = []
+        seconds = {}
         for name in short:
-            seconds = run_step(f"train_{name}", ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", name,
-                                                 "-device", device], workspace, train_env)
-            predictions = workspace.predictions / name
-            run_step(f"predict_{name}", ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(predictions),
-                                         "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", name, "-f", "0",
-                                         "-device", device, "-npp", "1", "-nps", "1",
-                                         *(["--disable_tta"] if device == "cpu" else [])], workspace, env)
-            model = workspace.results / dataset / f"{name}__nnUNetPlans__3d_fullres"
-            run_step(f"evaluate_{name}", ["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(predictions),
-                                          "-djfile", str(raw / "dataset.json"), "-pfile", str(model / "plans.json"),
-                                          "-np", "1"], workspace, env)
-            test = json.loads((predictions / "summary.json").read_text())
+            step = f"train_{name}"
+            seconds[name] = run_steps({step: ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", name,
+                                              "-device", device]}, workspace, train_env)[step]
+        models = {name: workspace.results / dataset / f"{name}__nnUNetPlans__3d_fullres" for name in short}
+        predict = {name: ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(workspace.predictions / name),
+                          "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", name, "-f", "0", "-device", device,
+                          "-npp", "1", "-nps", "1", *(["--disable_tta"] if device == "cpu" else [])]
+                   for name in short}
+        evaluate = {name: ["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(workspace.predictions / name),
+                           "-djfile", str(raw / "dataset.json"), "-pfile", str(models[name] / "plans.json"), "-np",
+                           "1"] for name in short}
+        # trainings one after the other (their times are compared); on a GPU machine, whose cost per stock command
+        # is mostly process start-up, all trainers' predictions side by side, then all evaluations
+        groups = [list(short)] if device == "cuda" else [[name] for name in short]
+        for stage, commands in (("predict", predict), ("evaluate", evaluate)):
+            for group in groups:
+                run_steps({f"{stage}_{name}": commands[name] for name in group}, workspace, env)
+        rows = []
+        for name, model in models.items():
+            test = json.loads((workspace.predictions / name / "summary.json").read_text())
             validation = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
             rows.append({"trainer": name, "dice": {c: test["mean"][str(v)]["Dice"] for c, v in LABELS.items() if v},
                          "mean_dice": test["foreground_mean"]["Dice"],
-                         "validation_dice": validation["foreground_mean"]["Dice"], "train_seconds": seconds,
+                         "validation_dice": validation["foreground_mean"]["Dice"], "train_seconds": seconds[name],
                          "params_m": parameters(name, workspace, dataset)})
         print("\n" + report(rows, workspace, budget, epochs, iterations, device))
-    except StepFailed as error:
+    except (StepFailed, OSError) as error:  # OSError: the workspace cannot be written (read-only, disk full)
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

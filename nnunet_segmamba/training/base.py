@@ -6,6 +6,7 @@ import contextlib
 import os
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -34,10 +35,12 @@ def compile_requested() -> bool:
 
 class nnUNetTrainerMambaBase(nnUNetTrainer):
     """nnU-Net's trainer with `network_class` built from the plans (plus `network_options`), bf16 autocast
-    where available, torch.compile off unless nnUNet_compile asks, and the scan backend in the log."""
+    where available, torch.compile off unless nnUNet_compile asks, the scan backend in the log,
+    checkpoints written atomically, and a stop after `max_non_finite_steps` consecutive non-finite losses."""
 
     network_class: ClassVar[type[nn.Module]]
     network_options: ClassVar[dict[str, Any]] = {}
+    max_non_finite_steps: ClassVar[int] = 50
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -45,6 +48,7 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
         self.amp_dtype = autocast_dtype(self.device)
         if self.amp_dtype == torch.bfloat16:
             self.grad_scaler = None
+        self.non_finite_steps = self.epoch_step = 0
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -74,9 +78,42 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.epoch_step = 0
+
     def train_step(self, batch: dict) -> dict:
         with self._autocast():
-            return super().train_step(batch)
+            result = super().train_step(batch)
+        self.epoch_step += 1
+        self._stop_if_diverged(result["loss"])
+        return result
+
+    def _stop_if_diverged(self, loss: np.ndarray) -> None:
+        """Raise once the loss has not been finite for `max_non_finite_steps` steps in a row: from there on a
+        run only produces NaN weights, for days."""
+        self.non_finite_steps = 0 if np.isfinite(loss).all() else self.non_finite_steps + 1
+        if self.non_finite_steps < self.max_non_finite_steps:
+            return
+        precision = f"{self.amp_dtype} autocast" if self.amp_dtype is not None else "fp32"
+        raise RuntimeError(
+            f"Training stopped at epoch {self.current_epoch}, step {self.epoch_step}: the loss was not finite for "
+            f"{self.non_finite_steps} consecutive steps (under {precision}). Try bf16 autocast (our trainers' default "
+            f"on GPUs that support it), a lower initial_lr, or check the data (nnUNetv2_plan_and_preprocess "
+            f"--verify_dataset_integrity). The last finite weights are in checkpoint_latest.pth / checkpoint_best.pth "
+            f"of {self.output_folder}.")
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to `filename`.partial and renamed: an interrupted save never leaves a
+        half-written checkpoint for `--c` to load."""
+        partial = f"{filename}.partial"
+        try:
+            super().save_checkpoint(partial)
+            if os.path.isfile(partial):
+                os.replace(partial, filename)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
 
     def validation_step(self, batch: dict) -> dict:
         with self._autocast():

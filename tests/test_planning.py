@@ -1,0 +1,121 @@
+"""Mamba-aware planners: valid plans for our networks within the memory target, by the calibrated estimate."""
+
+import json
+import math
+
+import pytest
+from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_segmamba.cli import main
+from nnunet_segmamba.datasets.raw import write_raw_dataset
+from nnunet_segmamba.datasets.synthetic import spec_from_preset
+from nnunet_segmamba.networks.plans import check_patch_size
+from nnunet_segmamba.plans.memory import MemoryModel, fit, load_calibration, network_sizes
+from nnunet_segmamba.plans.planners import PLANNERS
+
+DATASET = 952
+TARGETS = (2.0, 4.0, 12.0)
+
+
+@pytest.fixture(scope="module")
+def fingerprinted(tmp_path_factory):
+    """A generated dataset (4 cases of 96x128x128) with nnU-Net's fingerprint, in nnU-Net folders of its own."""
+    root = tmp_path_factory.mktemp("planning")
+    folders = {name: root / name for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, folder in folders.items():
+            folder.mkdir()
+            patch.setenv(name, str(folder))
+        write_raw_dataset(folders["nnUNet_raw"], DATASET, "Plan", spec_from_preset("iso", shape=(96, 128, 128)), 4, 0)
+        extract_fingerprints([DATASET], num_processes=1)
+    return folders
+
+
+@pytest.fixture
+def folders(fingerprinted, monkeypatch):
+    for name, folder in fingerprinted.items():
+        monkeypatch.setenv(name, str(folder))
+    return fingerprinted
+
+
+def fullres(plans: dict) -> tuple[list[int], int]:
+    configuration = plans["configurations"]["3d_fullres"]
+    return configuration["patch_size"], configuration["batch_size"]
+
+
+@pytest.mark.parametrize("family", sorted(PLANNERS))
+def test_plans_name_our_network_fit_the_target_and_grow_with_it(folders, family):
+    sizes = []
+    for target in TARGETS:
+        planner = PLANNERS[family](DATASET, gpu_memory_target_in_gb=target)
+        plans = planner.plan_experiment()
+        assert planner.plans_identifier == f"nnUNetPlans_{family}_{target:g}G"
+        assert (folders["nnUNet_preprocessed"] / f"Dataset{DATASET}_Plan" / f"{planner.plans_identifier}.json").is_file()
+        manager = PlansManager(plans)
+        for name in ("2d", "3d_fullres"):
+            configuration = manager.get_configuration(name)
+            assert configuration.network_arch_class_name == PLANNERS[family].network_class_name
+            check_patch_size(configuration)  # what our networks need of the patch
+            estimate = planner.estimate_gib(configuration.patch_size, configuration.network_arch_init_kwargs,
+                                            configuration.network_arch_init_kwargs_req_import,
+                                            configuration.batch_size)
+            assert estimate <= target, (name, target, estimate)
+        patch, batch = fullres(plans)
+        sizes.append((math.prod(patch), batch))
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # a larger target: a larger (or equal) patch and batch
+
+
+def test_batch_fills_the_memory_left_by_the_fixed_part():
+    model = MemoryModel(alpha=4.0, gamma=0.5)
+    activations, parameters = 0.25e9, 50e6
+    batch = model.max_batch_size(8, activations, parameters)
+    assert model.peak_gib(batch, activations, parameters) <= 8 < model.peak_gib(batch + 1, activations, parameters)
+
+
+def test_fit_recovers_a_known_model_and_the_calibration_loads():
+    truth = MemoryModel(alpha=5.0, gamma=0.8)
+    points = [{"batch_size": b, "activations": a, "parameters": 4e7, "peak_gib": truth.peak_gib(b, a, 4e7)}
+              for b, a in ((2, 0.2e9), (2, 0.45e9), (4, 0.45e9))]
+    fitted = fit(points)
+    assert fitted.alpha == pytest.approx(5.0) and fitted.gamma == pytest.approx(0.8)
+    models = load_calibration()
+    assert set(models) >= {p.network_class_name for p in PLANNERS.values()}
+    # the calibration reproduces its own measured points (a single point per network: exactly)
+    v2 = PLANNERS["SegMambaV2"].network_class_name
+    from nnunet_segmamba.tools.benchmark import preset_plans
+    architecture = preset_plans("3d_128", 4)["configurations"]["3d_128"]["architecture"]
+    activations, parameters = network_sizes(v2, architecture["arch_kwargs"], architecture["_kw_requires_import"],
+                                            [128] * 3, 4, 4)
+    assert models[v2].peak_gib(2, activations, parameters) == pytest.approx(5.95, abs=0.01)
+
+
+def test_plan_command_reuses_nnunets_data_and_prints_how_to_train(folders, capsys):
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiments
+
+    plan_experiments([DATASET])  # nnU-Net's own nnUNetPlans.json
+    assert main(["plan", "-d", str(DATASET), "-pl", "SegMambaV2", "-gpu_memory_target", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "nnUNetv2_train 952 CONFIGURATION FOLD -tr nnUNetTrainerSegMambaV2 -p nnUNetPlans_SegMambaV2_4G" in out
+    plans = json.loads((folders["nnUNet_preprocessed"] / f"Dataset{DATASET}_Plan" /
+                        "nnUNetPlans_SegMambaV2_4G.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["data_identifier"] == "nnUNetPlans_3d_fullres"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["-d", "953", "-pl", "SegMamba"], "Could not find a dataset with the ID 953"),
+    (["-d", str(DATASET), "-pl", "MambaClinix", "-gpu_memory_target", "0.3"], "too small for MambaClinix"),
+    (["-d", str(DATASET), "-pl", "SegMamba", "-gpu_memory_target", "-1"], "positive number of GiB"),
+])
+def test_plan_command_errors_are_one_line(folders, capsys, arguments, message):
+    assert main(["plan", *arguments]) == 2
+    assert message in capsys.readouterr().out
+
+
+def test_plan_command_needs_the_fingerprint_and_the_folders(folders, monkeypatch, capsys):
+    write_raw_dataset(folders["nnUNet_raw"], 954, "NoPrint", spec_from_preset("tiny"), 2, 0)
+    assert main(["plan", "-d", "954", "-pl", "SegMamba"]) == 2
+    assert "nnUNetv2_extract_fingerprint -d 954" in capsys.readouterr().out
+    monkeypatch.delenv("nnUNet_preprocessed")
+    assert main(["plan", "-d", str(DATASET), "-pl", "SegMamba"]) == 2
+    assert "nnUNet_preprocessed is not set" in capsys.readouterr().out
