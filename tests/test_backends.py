@@ -63,3 +63,12 @@ def test_mamba_ssm_is_not_imported_on_cpu():
 
     Mamba(8)(torch.randn(1, 5, 8))
     assert "mamba_ssm" not in sys.modules and "selective_scan_cuda" not in sys.modules
+
+
+def test_triton_is_a_gpu_backend_with_its_own_fix(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    with pytest.raises(RuntimeError, match="'triton' was requested, but the tensors are on cpu"):
+        Mamba(8)(torch.randn(1, 5, 8))
+    monkeypatch.setattr(backends, "_triton_ops", lambda index: (None, "Triton could not be imported (test)"))
+    with pytest.raises(RuntimeError, match="Triton could not be imported .*torch build that ships Triton"):
+        backends._resolve("triton", "cuda", 0)

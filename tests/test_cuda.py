@@ -36,10 +36,18 @@ def test_auto_backend_is_the_kernels():
     assert ops.name == "cuda"
 
 
-@pytest.mark.parametrize("length,groups", [(100, 1), (4096, 3), (32768, 1)])
-def test_torch_scan_equals_mamba_ssm_kernel(length, groups):
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+def gpu_scan(backend: str):
+    """The selective scan of a GPU backend: mamba-ssm's kernel or our Triton kernels."""
+    if backend == "cuda":
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        return selective_scan_fn
+    from nnunet_segmamba.mamba.triton_scan import triton_selective_scan
+    return triton_selective_scan
 
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("length,groups", [(100, 1), (4096, 3), (32768, 1)])
+def test_torch_scan_equals_gpu_kernels(length, groups, backend):
     g = torch.Generator(device=CUDA).manual_seed(length)
     dim, n = 48, 16
     shapes = [(2, dim, length), (2, dim, length), (dim, n), (2, groups, n, length), (2, groups, n, length), (dim,),
@@ -47,7 +55,7 @@ def test_torch_scan_equals_mamba_ssm_kernel(length, groups):
     tensors = [torch.randn(s, device=CUDA, generator=g) for s in shapes]
     tensors[2] = -torch.rand(dim, n, device=CUDA, generator=g) - 0.1
     results = []
-    for fn in (selective_scan_fn, selective_scan):
+    for fn in (gpu_scan(backend), selective_scan):
         leaves = [t.clone().requires_grad_() for t in tensors]
         u, delta, A, B, C, D, z, bias = leaves
         out = fn(u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True)
@@ -59,12 +67,13 @@ def test_torch_scan_equals_mamba_ssm_kernel(length, groups):
         assert relative(ours, kernel) < 1e-4, name
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_layer_backends_agree(dtype, tolerance):
+def test_layer_backends_agree(dtype, tolerance, backend):
     torch.manual_seed(0)
     layers = {"torch": Mamba(64, orders=plane_orders(3), backend="torch").to(CUDA)}
-    layers["cuda"] = copy.deepcopy(layers["torch"])
-    layers["cuda"].backend = "cuda"
+    layers[backend] = copy.deepcopy(layers["torch"])
+    layers[backend].backend = backend
     x = torch.randn(2, 16 ** 3, 64, device=CUDA)
     results = {}
     for name, layer in layers.items():
@@ -73,7 +82,7 @@ def test_layer_backends_agree(dtype, tolerance):
             out = layer(leaf, (16, 16, 16))
         out.float().square().mean().backward()
         results[name] = [out, leaf.grad] + [p.grad for p in layer.parameters()]
-    for ours, kernel in zip(results["torch"], results["cuda"]):
+    for ours, kernel in zip(results["torch"], results[backend]):
         assert relative(ours, kernel) < tolerance
 
 

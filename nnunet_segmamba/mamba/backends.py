@@ -2,9 +2,11 @@
 
 - ``cuda``: mamba-ssm's selective-scan kernel, and causal-conv1d's kernel when that package is there.
 - ``torch``: the exact PyTorch scan of `scan.py` and ``F.conv1d``; any device.
+- ``triton``: our Triton selective scan (`triton_scan.py`, no compile step) and ``F.conv1d``; CUDA only.
+  Opt-in until it is measured against ``cuda`` on the GPU machine (issue 9).
 
 The choice, in order: the layer's ``backend`` argument, the environment variable
-``NNUNET_SEGMAMBA_SCAN`` (``auto``, ``cuda`` or ``torch``), then ``auto``: ``cuda`` for CUDA tensors
+``NNUNET_SEGMAMBA_SCAN`` (``auto``, ``cuda``, ``triton`` or ``torch``), then ``auto``: ``cuda`` for CUDA tensors
 when mamba-ssm imports and its kernel runs on the GPU, else ``torch``. A forced ``cuda`` that cannot run
 is an error; an automatic fall-back is a warning, once. mamba-ssm is imported on first use only: its
 import fails on machines without CUDA.
@@ -27,7 +29,7 @@ from torch import Tensor
 from nnunet_segmamba.mamba.scan import selective_scan as torch_selective_scan
 
 BACKEND_ENV = "NNUNET_SEGMAMBA_SCAN"
-CHOICES = ("auto", "cuda", "torch")
+CHOICES = ("auto", "cuda", "triton", "torch")
 CUDA_INSTALL_HINT = (
     "install the kernels for your torch/CUDA: `pip install --no-build-isolation mamba-ssm causal-conv1d` "
     "(needs nvcc; see README, 'GPU install'), or set NNUNET_SEGMAMBA_SCAN=torch to silence this"
@@ -122,6 +124,22 @@ def _cuda_ops(device_index: int) -> tuple[ScanOps | None, str]:
     return (None, problem) if problem else (ops, "")
 
 
+@functools.cache
+def _triton_ops(device_index: int) -> tuple[ScanOps | None, str]:
+    """Our Triton scan as ScanOps if Triton imports and the kernels run on this GPU, else (None, why not)."""
+    try:
+        from nnunet_segmamba.mamba.triton_scan import triton_selective_scan
+    except Exception as error:  # no triton in this torch build
+        return None, f"Triton could not be imported ({type(error).__name__}: {error})"
+    ops = ScanOps("triton", "Triton selective scan; conv1d in PyTorch", conv1d_silu_torch, triton_selective_scan)
+    problem = probe(ops, torch.device("cuda", device_index))
+    return (None, problem) if problem else (ops, "")
+
+
+FIX_HINTS = {"cuda": CUDA_INSTALL_HINT,
+             "triton": "use a torch build that ships Triton (the Linux CUDA wheels do), or backend 'cuda'"}
+
+
 def probe(ops: ScanOps, device: torch.device) -> str:
     """Why `ops` cannot run on `device` ('' if a tiny conv + scan runs and is finite)."""
     try:
@@ -155,18 +173,20 @@ def _resolve(choice: str, device_type: str, device_index: int | None) -> ScanOps
     if choice == "torch":
         ops = TORCH_OPS
     elif device_type != "cuda":
-        if choice == "cuda":
-            raise RuntimeError(f"Scan backend 'cuda' was requested, but the tensors are on {device_type}. "
+        if choice != "auto":
+            raise RuntimeError(f"Scan backend {choice!r} was requested, but the tensors are on {device_type}. "
                                f"Run on a CUDA device, or use backend 'torch' / 'auto'.")
         ops = TORCH_OPS
     else:
         index = torch.cuda.current_device() if device_index is None else device_index
-        ops, reason = _cuda_ops(index)
+        kernels = "cuda" if choice == "auto" else choice
+        ops, reason = (_triton_ops if kernels == "triton" else _cuda_ops)(index)
+        hint = FIX_HINTS[kernels]
         if ops is None:
-            if choice == "cuda":
-                raise RuntimeError(f"Scan backend 'cuda' was requested, but {reason}. Fix: {CUDA_INSTALL_HINT}.")
+            if choice != "auto":
+                raise RuntimeError(f"Scan backend {choice!r} was requested, but {reason}. Fix: {hint}.")
             warnings.warn(f"nnunet-segmamba: {reason}; using the exact PyTorch scan instead, which is several "
-                          f"times slower and needs more memory. Fix: {CUDA_INSTALL_HINT}.", stacklevel=3)
+                          f"times slower and needs more memory. Fix: {hint}.", stacklevel=3)
             ops = TORCH_OPS
     logger.info("Mamba scan backend on %s: %s (%s)", device_type, ops.name, ops.description)
     return ops

@@ -67,30 +67,36 @@ def reference_comparison(length: int, channels: int, d_state: int, repeats: int)
 
 
 def backend_comparison(orders_per_layer: list[int], batch: int, warmup: int, repeats: int) -> None:
-    """Each backend's Mamba layer against the torch backend, same weights and inputs."""
+    """Each GPU backend's Mamba layer (mamba-ssm's `cuda`, our `triton`) against the torch backend, same
+    weights and inputs: relative errors of output, input gradient and weight gradients; median times."""
     import torch
 
     from nnunet_segmamba.mamba import Mamba, plane_orders, raster_order
-    from nnunet_segmamba.mamba.backends import _cuda_ops
+    from nnunet_segmamba.mamba.backends import _cuda_ops, _triton_ops
 
     device = torch.device("cuda")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    ops, reason = _cuda_ops(device.index or 0)
-    if ops is None:
-        print(f"cuda backend unavailable: {reason}")
-        return
-    print(f"Mamba layer forward + backward, batch {batch}, {torch.cuda.get_device_name(device)}")
-    header = (f"{'d_model':>7} {'tokens':>8} {'orders':>6} {'dtype':>6} | {'err out':>8} {'err dx':>8} "
-              f"{'err dW max':>10} | {'torch ms':>9} {'cuda ms':>8} {'speed-up':>8}")
+    backends = []
+    for name, find in (("cuda", _cuda_ops), ("triton", _triton_ops)):
+        ops, reason = find(device.index or 0)
+        if ops is None:
+            print(f"{name} backend unavailable: {reason}")
+        else:
+            backends.append(name)
+    print(f"Mamba layer forward + backward, batch {batch}, {torch.cuda.get_device_name(device)}; errors relative "
+          f"to the torch backend, speed-up = torch ms / backend ms")
+    header = f"{'d_model':>7} {'tokens':>8} {'orders':>6} {'dtype':>8} {'backend':>7} | " \
+             f"{'err out':>8} {'err dx':>8} {'err dW max':>10} | {'ms':>8} {'speed-up':>8}"
     print(header + "\n" + "-" * len(header))
     for d_model, grid in STAGES:
         for n_orders in orders_per_layer:
             orders = plane_orders(3) if n_orders == 3 else (raster_order(3),)
             torch.manual_seed(0)
             layers = {"torch": Mamba(d_model, orders=orders, backend="torch").to(device)}
-            layers["cuda"] = copy.deepcopy(layers["torch"])
-            layers["cuda"].backend = "cuda"
+            for name in backends:
+                layers[name] = copy.deepcopy(layers["torch"])
+                layers[name].backend = name
             x = torch.randn(batch, grid[0] * grid[1] * grid[2], d_model, device=device)
             for dtype in (torch.float32, torch.bfloat16):
                 outputs, times = {}, {}
@@ -108,11 +114,13 @@ def backend_comparison(orders_per_layer: list[int], batch: int, warmup: int, rep
                                      {n: p.grad.detach() for n, p in layer.named_parameters()})
                     leaf.grad = None
                     times[name] = _median_ms(step, device, warmup, repeats)
-                (out_t, dx_t, dw_t), (out_c, dx_c, dw_c) = outputs["torch"], outputs["cuda"]
-                dw = max(_relative(dw_c[n], dw_t[n]) for n in dw_t)
-                print(f"{d_model:>7} {'x'.join(map(str, grid)):>8} {n_orders:>6} {str(dtype)[6:]:>6} | "
-                      f"{_relative(out_c, out_t):8.1e} {_relative(dx_c, dx_t):8.1e} {dw:10.1e} | "
-                      f"{times['torch']:9.2f} {times['cuda']:8.2f} {times['torch'] / times['cuda']:7.1f}x")
+                out_t, dx_t, dw_t = outputs["torch"]
+                for name in ["torch", *backends]:
+                    out_b, dx_b, dw_b = outputs[name]
+                    dw = max(_relative(dw_b[n], dw_t[n]) for n in dw_t)
+                    print(f"{d_model:>7} {'x'.join(map(str, grid)):>8} {n_orders:>6} {str(dtype)[6:]:>8} {name:>7} | "
+                          f"{_relative(out_b, out_t):8.1e} {_relative(dx_b, dx_t):8.1e} {dw:10.1e} | "
+                          f"{times[name]:8.2f} {times['torch'] / times[name]:7.1f}x")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,115 @@
+"""The Triton selective scan against the exact PyTorch scan: output and every gradient.
+
+Runs on CPU tensors through Triton's interpreter: without a GPU, conftest.py sets TRITON_INTERPRET=1 before
+anything imports triton (nnU-Net's imports do), since triton decides at import and decoration time whether
+its functions are interpreted. On a machine with a GPU this module is skipped: `test_cuda.py` runs the
+compiled kernels against the same scan.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    pytest.skip("GPU machine: test_cuda.py tests the compiled kernels", allow_module_level=True)
+pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from nnunet_segmamba.mamba import scan, triton_scan  # noqa: E402
+
+
+def test_kernels_run_in_the_interpreter():
+    assert os.environ.get("TRITON_INTERPRET") == "1" and isinstance(triton_scan._forward_kernel, InterpretedFunction)
+
+
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+def random_inputs(batch, dim, d_state, length, groups, dtype=torch.float32, seed=0):
+    """Leaf tensors u, delta, A, B, C, D, z, delta_bias; B, C 3-d when groups is None.
+
+    A < 0 and delta > 0 as in Mamba: exp(delta A) <= 1, where the PyTorch scan is exact.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bc = (batch, d_state, length) if groups is None else (batch, groups, d_state, length)
+    shapes = [(batch, dim, length), (batch, dim, length), (dim, d_state), bc, bc, (dim,), (batch, dim, length), (dim,)]
+    tensors = [torch.randn(s, generator=g) for s in shapes]
+    tensors[1] = tensors[1].abs() * 0.5
+    tensors[2] = -torch.rand(dim, d_state, generator=g) * 2 - 0.1
+    return [t.to(dtype).requires_grad_() for t in tensors]
+
+
+def compare(tensors, options, tolerance):
+    """Forward output and the gradients of every input that takes part, Triton vs PyTorch."""
+    u, delta, A, B, C, D, z, bias = tensors
+    kwargs = dict(D=D, z=z, delta_bias=bias) if options else {}
+    used = tensors if options else tensors[:5]
+    results = []
+    for fn in (scan.selective_scan, triton_scan.triton_selective_scan):
+        out = fn(u, delta, A, B, C, **kwargs, delta_softplus=options)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        results.append((out, torch.autograd.grad(out, used, grad_out)))
+    (expected, expected_grads), (out, grads) = results
+    assert out.dtype == u.dtype
+    torch.testing.assert_close(out, expected, **tolerance)
+    for name, grad, expected_grad in zip(NAMES, grads, expected_grads):
+        assert grad.dtype == expected_grad.dtype, name
+        torch.testing.assert_close(grad, expected_grad, **tolerance, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+FP32 = dict(rtol=1e-4, atol=1e-4)
+"""fp32 rounding: dA, dD, d(delta_bias) sum batch * L fp32 terms, in another order than the PyTorch scan."""
+
+
+@pytest.mark.parametrize("batch,dim,d_state,length,groups,options", [
+    (2, 6, 4, 37, 1, True),       # shorter than a chunk
+    (2, 6, 5, 150, 1, False),     # three chunks, the last one partial; N not a power of two
+    (2, 6, 4, 70, 3, True),       # three groups of B and C, two chunks
+    (2, 8, 16, 37, None, True),   # B, C given as (batch, N, L)
+])
+def test_matches_pytorch_scan(batch, dim, d_state, length, groups, options):
+    compare(random_inputs(batch, dim, d_state, length, groups), options, FP32)
+
+
+def test_several_channel_blocks_and_chunks(monkeypatch):
+    """Channel blocks that split a group (the last one masked) and many short chunks."""
+    monkeypatch.setattr(triton_scan, "MAX_BLOCK_D", 4)
+    monkeypatch.setattr(triton_scan, "CHUNK", 16)
+    compare(random_inputs(2, 12, 4, 37, 2), True, FP32)  # 6 channels per group: blocks of 4 and 2
+
+
+def test_bfloat16_inputs():
+    """bf16 in, fp32 inside, bf16 out: the same up to bf16 rounding of the results."""
+    compare(random_inputs(2, 6, 4, 37, 1, dtype=torch.bfloat16), True, dict(rtol=2e-2, atol=2e-2))
+
+
+COMPILE_FOR_H100 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nnunet_segmamba.mamba import triton_scan
+
+bf16 = {"u", "delta", "B", "C", "z", "out", "dout", "du", "ddelta", "dz"}  # A, D, bias, buffers: fp32
+sizes = {"dim", "groups", "per_group", "length", "d_state", "n_chunks"}
+for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
+    for options in (True, False):
+        constexprs = dict(HAS_D=options, HAS_Z=options, HAS_BIAS=options, SOFTPLUS=options,
+                          CHUNK=64, BLOCK_D=16, BLOCK_N=16)
+        signature = {name: "constexpr" if name in constexprs else "i32" if name in sizes
+                     else "*bf16" if name in bf16 else "*fp32" for name in kernel.arg_names}
+        triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+"""
+
+
+def test_kernels_compile_for_a_gpu():
+    """The interpreter runs the kernels as Python; compiling them to an sm_90 cubin (no GPU needed) checks
+    what it does not: the types of loop-carried values, constexpr branches, ptxas."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
