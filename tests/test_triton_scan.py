@@ -66,9 +66,10 @@ FP32 = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch,dim,d_state,length,groups,options", [
-    (2, 6, 4, 37, 1, True),       # shorter than a chunk
-    (2, 6, 5, 150, 1, False),     # three chunks, the last one partial; N not a power of two
-    (2, 6, 4, 70, 3, True),       # three groups of B and C, two chunks
+    (2, 6, 4, 37, 1, True),       # two chunks, the last one partial
+    (2, 6, 5, 150, 1, False),     # five chunks, the last one partial; N not a power of two
+    (2, 6, 4, 70, 3, True),       # three groups of B and C, three chunks
+    (1, 4, 4, 64, 1, True),       # two full chunks: no tail tokens
     (2, 8, 16, 37, None, True),   # B, C given as (batch, N, L)
 ])
 def test_matches_pytorch_scan(batch, dim, d_state, length, groups, options):
@@ -76,10 +77,11 @@ def test_matches_pytorch_scan(batch, dim, d_state, length, groups, options):
 
 
 def test_several_channel_blocks_and_chunks(monkeypatch):
-    """Channel blocks that split a group (the last one masked) and many short chunks."""
+    """Channel blocks that split a group (the last one masked) and many short chunks; shorter than a chunk."""
     monkeypatch.setattr(triton_scan, "MAX_BLOCK_D", 4)
     monkeypatch.setattr(triton_scan, "CHUNK", 16)
     compare(random_inputs(2, 12, 4, 37, 2), True, FP32)  # 6 channels per group: blocks of 4 and 2
+    compare(random_inputs(1, 12, 4, 9, 2), False, FP32)  # one partial chunk
 
 
 def test_bfloat16_inputs():
@@ -88,20 +90,24 @@ def test_bfloat16_inputs():
 
 
 COMPILE_FOR_H100 = """
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nnunet_segmamba.mamba import triton_scan
 
+meta = dict(device="meta")  # the launch sizes of a Mamba layer: 384 channels, d_state 16
+_, sizes = triton_scan._launch_config(torch.empty(2, 384, 4096, **meta), torch.empty(384, 16, **meta),
+                                      torch.empty(2, 1, 16, 4096, **meta))
+blocks = {name: sizes[name] for name in ("CHUNK", "BLOCK_D", "BLOCK_N")}
 bf16 = {"u", "delta", "B", "C", "z", "out", "dout", "du", "ddelta", "dz"}  # A, D, bias, buffers: fp32
-sizes = {"dim", "groups", "per_group", "length", "d_state", "n_chunks"}
 for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
     for options in (True, False):
-        constexprs = dict(HAS_D=options, HAS_Z=options, HAS_BIAS=options, SOFTPLUS=options,
-                          CHUNK=64, BLOCK_D=16, BLOCK_N=16)
+        constexprs = dict(HAS_D=options, HAS_Z=options, HAS_BIAS=options, SOFTPLUS=options, **blocks)
         signature = {name: "constexpr" if name in constexprs else "i32" if name in sizes
                      else "*bf16" if name in bf16 else "*fp32" for name in kernel.arg_names}
-        triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+        triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=triton_scan.NUM_WARPS))
 """
 
 

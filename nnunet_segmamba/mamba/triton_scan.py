@@ -7,17 +7,36 @@ For every batch element b, channel d and state n (B and C shared by the channels
     y_t = sum_n C_t[n] * h_t[n] + D * u_t
     out_t = y_t * silu(z_t)                                 (z optional)
 
-Forward: one program per (batch, group, block of BLOCK_D channels of the group) walks the tokens one
-after another with the state h (BLOCK_D, BLOCK_N) in registers. At the start of every CHUNK tokens it
-writes h to `starts` (batch, dim, ceil(L / CHUNK), N), fp32: all that the backward keeps besides the
-inputs, never O(L * N).
+Both kernels run one program per (batch, group, block of BLOCK_D channels of the group) and walk the
+sequence in chunks of CHUNK tokens, from chunk to chunk carrying only the state h (BLOCK_D, BLOCK_N).
+Inside a chunk all tokens are handled at once: u, delta, z, out are (BLOCK_D, CHUNK) tiles and B, C
+(BLOCK_N, CHUNK) tiles, loaded and stored along the contiguous token axis, and the steps
 
-Backward: the same grid walks the chunks from last to first. It recomputes the chunk's states from the
-saved start state into `scratch` (batch, dim, CHUNK + 1, N) (slot 0: h_{start-1}, slot k: the k-th
-state of the chunk), then runs the adjoint backwards over the chunk:
+    a_t = exp(delta_t * A),   b_t = delta_t * u_t * B_t          (BLOCK_D, BLOCK_N, CHUNK) tiles
+
+are composed by `tl.associative_scan` along the token axis. The step h -> a h + b composes as
+
+    (a1, b1) then (a2, b2) = (a1 * a2, a2 * b1 + b2),
+
+so the inclusive scan from the chunk's first token gives the running product P_t = a_first ... a_t and
+the state reached from zero, H_t; with the carried start state h0, h_t = H_t + P_t * h0. Tokens past L
+(the tail of the last chunk) are identity steps (a = 1, b = 0), so the last column is the state after
+the chunk's last token: the next chunk's start. The forward writes every chunk's start state to
+`starts` (batch, dim, ceil(L / CHUNK), N), fp32: all that the backward keeps besides the inputs, never
+O(L * N).
+
+Backward: the same grid walks the chunks from last to first. From the chunk's saved start state it
+recomputes the states before every token, h_{t-1}, with the same scan over the steps shifted by one
+token (the first a no-op), then h_t = a_t h_{t-1} + b_t token by token as in the forward recurrence.
+The adjoint runs backwards,
 
     dy_t = dout_t * silu(z_t)                          dz_t = dout_t * y_t * silu'(z_t)
-    dh_t = exp(delta_{t+1} A) * dh_{t+1} + C_t * dy_t
+    dh_t = a_{t+1} * dh_{t+1} + C_t * dy_t,
+
+the same step composition scanned in reverse (`reverse=True`: the left operand holds the later tokens)
+over (a_{t+1}, C_t dy_t), where the chunk's last token takes a = 1 and the carry a_{t+1} dh_{t+1} from
+the later chunk is added as dh_t += Q_t * carry (Q_t = a_{t+1} ... a_last). Then per token
+
     g_t = dh_t * exp(delta_t A) * h_{t-1}              (gradient of the exponent delta_t * A)
     du_t = delta_t * sum_n dh_t B_t + D * dy_t
     ddelta_t = (sum_n g_t A + u_t * sum_n dh_t B_t) * sigmoid(delta_t + delta_bias)   (sigmoid if softplus)
@@ -41,11 +60,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-CHUNK = 64
-"""Tokens between two saved states; the backward recomputes one chunk of states at a time."""
+CHUNK = 32
+"""Tokens scanned at once (a power of two); one saved state per chunk, carried between chunks."""
 
 MAX_BLOCK_D = 16
 """Most channels per program (a power of two)."""
+
+MAX_TILE = 4096
+"""Most elements of one (BLOCK_D, BLOCK_N, CHUNK) fp32 tile: BLOCK_D = 8 at d_state 16, fewer channels at a
+larger d_state (at least one: d_state > 128 exceeds it). With NUM_WARPS, what keeps the backward's live tiles
+in registers (sm_90, no spills)."""
+
+NUM_WARPS = 8
+"""Warps per program: a 4096-element tile is 16 fp32 registers per thread."""
 
 
 @triton.jit
@@ -58,6 +85,12 @@ def _softplus(x):
     w = 1.0 + e
     log1p = tl.where(w == 1.0, e, tl.log(w) * e / tl.where(w == 1.0, 1.0, w - 1.0))
     return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
+def _compose(a1, b1, a2, b2):
+    """The step h -> a1 h + b1 followed by h -> a2 h + b2: h -> (a1 a2) h + (a2 b1 + b2)."""
+    return a1 * a2, a2 * b1 + b2
 
 
 @triton.jit
@@ -85,6 +118,63 @@ def _program_tiles(A, D, bias, dim, groups, per_group, d_state,
 
 
 @triton.jit
+def _load_tile(ptr, rows, row_mask, tokens, valid):
+    """fp32 tile (rows, T) of a (..., L) tensor: rows (R,) are row offsets, tokens (T,) the tokens; 0 where
+    row_mask (R,) or valid (T,) is false."""
+    mask = row_mask[:, None] & valid[None, :]
+    return tl.load(ptr + rows[:, None] + tokens[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(ptr, rows, row_mask, tokens, valid, value):
+    """Store value (R, T) at rows (R,) and tokens (T,) where row_mask and valid hold."""
+    tl.store(ptr + rows[:, None] + tokens[None, :], value, mask=row_mask[:, None] & valid[None, :])
+
+
+@triton.jit
+def _delta_tile(delta, rows, d_mask, tokens, valid, bias_vec, SOFTPLUS: tl.constexpr):
+    """delta_t (BLOCK_D, T) after bias and softplus, 0 at invalid tokens (an identity step there), and
+    raw = delta + bias before the softplus."""
+    raw = _load_tile(delta, rows, d_mask, tokens, valid) + bias_vec[:, None]
+    dt = _softplus(raw) if SOFTPLUS else raw
+    return tl.where(valid[None, :], dt, 0.0), raw
+
+
+@triton.jit
+def _chunk_tiles(delta, u, B, C, rows, bc_rows, d_mask, n_mask, tokens, valid, bias_vec, SOFTPLUS: tl.constexpr):
+    """delta (after bias and softplus) and raw delta, u (BLOCK_D, T), B and C (BLOCK_N, T) of a chunk."""
+    dt, raw = _delta_tile(delta, rows, d_mask, tokens, valid, bias_vec, SOFTPLUS)
+    u_t = _load_tile(u, rows, d_mask, tokens, valid)
+    return dt, raw, u_t, _load_tile(B, bc_rows, n_mask, tokens, valid), _load_tile(C, bc_rows, n_mask, tokens, valid)
+
+
+@triton.jit
+def _decay(dt, A_tile):
+    """a_t = exp(delta_t A): (BLOCK_D, BLOCK_N, T) from delta (BLOCK_D, T) and A (BLOCK_D, BLOCK_N)."""
+    return tl.exp(dt[:, None, :] * A_tile[:, :, None])
+
+
+@triton.jit
+def _drive(dt, u_t, B_t):
+    """b_t = delta_t u_t B_t: (BLOCK_D, BLOCK_N, T) from delta, u (BLOCK_D, T) and B (BLOCK_N, T)."""
+    return (dt * u_t)[:, None, :] * B_t[None, :, :]
+
+
+@triton.jit
+def _states(a, b, h0):
+    """h_t = a_t h_{t-1} + b_t for every t of the last axis, h_{-1} = h0 (BLOCK_D, BLOCK_N):
+    the scan H_t, P_t of the steps from zero, plus P_t * h0. a, b, result: (BLOCK_D, BLOCK_N, T)."""
+    decay, local = tl.associative_scan((a, b), 2, _compose)
+    return local + decay * h0[:, :, None]
+
+
+@triton.jit
+def _column(x, cols, index):
+    """x[..., index] of a (..., T) tile, cols = arange(T)."""
+    return tl.sum(tl.where(cols == index, x, 0.0), axis=len(x.shape) - 1)
+
+
+@triton.jit
 def _forward_kernel(
     u, delta, A, B, C, D, z, bias, out, starts,
     dim, groups, per_group, length, d_state, n_chunks,
@@ -97,26 +187,26 @@ def _forward_kernel(
     rows = (b * dim + d).to(tl.int64) * length  # u, delta, z, out: (BLOCK_D,)
     bc_rows = ((b * groups + g) * d_state + n).to(tl.int64) * length  # B, C: (BLOCK_N,)
     start_tiles = ((b * dim + d).to(tl.int64) * n_chunks * d_state)[:, None] + n[None, :]
+    cols = tl.arange(0, CHUNK)
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for c in range(0, n_chunks):
         tl.store(starts + start_tiles + c * d_state, h, mask=dn_mask)
-        for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, length)):
-            raw = tl.load(delta + rows + t, mask=d_mask, other=0.0).to(tl.float32) + bias_vec
-            dt = _softplus(raw) if SOFTPLUS else raw
-            u_t = tl.load(u + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-            B_t = tl.load(B + bc_rows + t, mask=n_mask, other=0.0).to(tl.float32)
-            C_t = tl.load(C + bc_rows + t, mask=n_mask, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A_tile) * h + (dt * u_t)[:, None] * B_t[None, :]
-            y = tl.sum(h * C_t[None, :], axis=1) + D_vec * u_t
-            if HAS_Z:
-                z_t = tl.load(z + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-                y = y * z_t * tl.sigmoid(z_t)
-            tl.store(out + rows + t, y, mask=d_mask)
+        tokens = c * CHUNK + cols
+        valid = tokens < length
+        dt, _, u_t, B_t, C_t = _chunk_tiles(delta, u, B, C, rows, bc_rows, d_mask, n_mask, tokens, valid, bias_vec,
+                                            SOFTPLUS)
+        states = _states(_decay(dt, A_tile), _drive(dt, u_t, B_t), h)
+        y = tl.sum(states * C_t[None, :, :], axis=1) + D_vec[:, None] * u_t
+        if HAS_Z:
+            z_t = _load_tile(z, rows, d_mask, tokens, valid)
+            y = y * z_t * tl.sigmoid(z_t)
+        _store_tile(out, rows, d_mask, tokens, valid, y)
+        h = _column(states, cols, CHUNK - 1)  # tail tokens are identity steps: the state after token L - 1
 
 
 @triton.jit
 def _backward_kernel(
-    u, delta, A, B, C, D, z, bias, dout, starts, scratch,
+    u, delta, A, B, C, D, z, bias, dout, starts,
     du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
     dim, groups, per_group, length, d_state, n_chunks,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -130,58 +220,55 @@ def _backward_kernel(
     bc_rows = ((b * groups + g) * d_state + n).to(tl.int64) * length
     part_rows = (((b * groups + g) * tl.num_programs(1) + block) * d_state + n).to(tl.int64) * length
     start_tiles = ((b * dim + d).to(tl.int64) * n_chunks * d_state)[:, None] + n[None, :]
-    scratch_tiles = ((b * dim + d).to(tl.int64) * (CHUNK + 1) * d_state)[:, None] + n[None, :]
-    dh_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # exp(delta_{t+1} A) * dh_{t+1}
+    cols = tl.arange(0, CHUNK)
+    carry = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # a_{t+1} * dh_{t+1} after the chunk's last token
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        first = c * CHUNK
-        count = tl.minimum(first + CHUNK, length) - first
-        h = tl.load(starts + start_tiles + c * d_state, mask=dn_mask, other=0.0)
-        tl.store(scratch + scratch_tiles, h, mask=dn_mask)
-        for k in range(0, count):  # recompute the chunk's states
-            raw = tl.load(delta + rows + first + k, mask=d_mask, other=0.0).to(tl.float32) + bias_vec
-            dt = _softplus(raw) if SOFTPLUS else raw
-            u_t = tl.load(u + rows + first + k, mask=d_mask, other=0.0).to(tl.float32)
-            B_t = tl.load(B + bc_rows + first + k, mask=n_mask, other=0.0).to(tl.float32)
-            h = tl.exp(dt[:, None] * A_tile) * h + (dt * u_t)[:, None] * B_t[None, :]
-            tl.store(scratch + scratch_tiles + (k + 1) * d_state, h, mask=dn_mask)
-        tl.debug_barrier()
-        for j in range(0, count):  # adjoint, last token of the chunk first
-            k = count - 1 - j
-            t = first + k
-            raw = tl.load(delta + rows + t, mask=d_mask, other=0.0).to(tl.float32) + bias_vec
-            dt = _softplus(raw) if SOFTPLUS else raw
-            u_t = tl.load(u + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-            B_t = tl.load(B + bc_rows + t, mask=n_mask, other=0.0).to(tl.float32)
-            C_t = tl.load(C + bc_rows + t, mask=n_mask, other=0.0).to(tl.float32)
-            dy = tl.load(dout + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-            h_prev = tl.load(scratch + scratch_tiles + k * d_state, mask=dn_mask, other=0.0)
-            h_t = tl.load(scratch + scratch_tiles + (k + 1) * d_state, mask=dn_mask, other=0.0)
-            if HAS_Z:
-                z_t = tl.load(z + rows + t, mask=d_mask, other=0.0).to(tl.float32)
-                sig = tl.sigmoid(z_t)
-                y = tl.sum(h_t * C_t[None, :], axis=1) + D_vec * u_t
-                tl.store(dz + rows + t, dy * y * sig * (1.0 + z_t * (1.0 - sig)), mask=d_mask)
-                dy = dy * z_t * sig
-            dh = dh_next + dy[:, None] * C_t[None, :]
-            decay = tl.exp(dt[:, None] * A_tile)
-            d_exponent = dh * decay * h_prev
-            dh_B = tl.sum(dh * B_t[None, :], axis=1)
-            d_dt = tl.sum(d_exponent * A_tile, axis=1) + dh_B * u_t
-            if SOFTPLUS:
-                d_dt = d_dt * tl.sigmoid(raw)
-            tl.store(du + rows + t, dh_B * dt + D_vec * dy, mask=d_mask)
-            tl.store(ddelta + rows + t, d_dt, mask=d_mask)
-            tl.store(dB_part + part_rows + t, tl.sum(dh * (dt * u_t)[:, None], axis=0), mask=n_mask)
-            tl.store(dC_part + part_rows + t, tl.sum(h_t * dy[:, None], axis=0), mask=n_mask)
-            dA_acc += d_exponent * dt[:, None]
-            dD_acc += dy * u_t
-            dbias_acc += d_dt
-            dh_next = decay * dh
-        tl.debug_barrier()  # the next chunk overwrites the scratch
+        tokens = c * CHUNK + cols
+        valid = tokens < length
+        dt, raw, u_t, B_t, C_t = _chunk_tiles(delta, u, B, C, rows, bc_rows, d_mask, n_mask, tokens, valid,
+                                              bias_vec, SOFTPLUS)
+        dy = _load_tile(dout, rows, d_mask, tokens, valid)
+
+        # states: h_{t-1} by the scan of the steps one token back (the chunk's first one a no-op)
+        before, before_valid = tokens - 1, valid & (cols > 0)
+        dt_before, _ = _delta_tile(delta, rows, d_mask, before, before_valid, bias_vec, SOFTPLUS)
+        h0 = tl.load(starts + start_tiles + c * d_state, mask=dn_mask, other=0.0)
+        h_before = _states(_decay(dt_before, A_tile),
+                           _drive(dt_before, _load_tile(u, rows, d_mask, before, before_valid),
+                                  _load_tile(B, bc_rows, n_mask, before, before_valid)), h0)
+        decayed = _decay(dt, A_tile) * h_before  # exp(delta_t A) h_{t-1}
+        h = decayed + _drive(dt, u_t, B_t)
+        if HAS_Z:
+            z_t = _load_tile(z, rows, d_mask, tokens, valid)
+            sig = tl.sigmoid(z_t)
+            y = tl.sum(h * C_t[None, :, :], axis=1) + D_vec[:, None] * u_t
+            _store_tile(dz, rows, d_mask, tokens, valid, dy * y * sig * (1.0 + z_t * (1.0 - sig)))
+            dy = dy * z_t * sig
+        _store_tile(dC_part, part_rows, n_mask, tokens, valid, tl.sum(h * dy[:, None, :], axis=0))
+
+        # adjoint: reverse scan of (a_{t+1}, C_t dy_t), the last token's a_{t+1} = 1, plus the later carry.
+        # Tail tokens exist only in the last chunk, whose carry is 0: there dh = 0 and nothing is added.
+        after, after_valid = tokens + 1, (cols < CHUNK - 1) & (tokens + 1 < length)
+        dt_after, _ = _delta_tile(delta, rows, d_mask, after, after_valid, bias_vec, SOFTPLUS)
+        suffix_decay, suffix = tl.associative_scan(
+            (_decay(dt_after, A_tile), dy[:, None, :] * C_t[None, :, :]), 2, _compose, reverse=True)
+        dh = suffix + suffix_decay * carry[:, :, None]
+        d_exponent = dh * decayed
+        dh_B = tl.sum(dh * B_t[None, :, :], axis=1)
+        d_dt = tl.sum(d_exponent * A_tile[:, :, None], axis=1) + dh_B * u_t
+        if SOFTPLUS:
+            d_dt = d_dt * tl.sigmoid(raw)
+        _store_tile(du, rows, d_mask, tokens, valid, dh_B * dt + D_vec[:, None] * dy)
+        _store_tile(ddelta, rows, d_mask, tokens, valid, d_dt)
+        _store_tile(dB_part, part_rows, n_mask, tokens, valid, tl.sum(dh * (dt * u_t)[:, None, :], axis=0))
+        dA_acc += tl.sum(d_exponent * dt[:, None, :], axis=2)
+        dD_acc += tl.sum(dy * u_t, axis=1)
+        dbias_acc += tl.sum(d_dt, axis=1)
+        carry = tl.exp(_column(dt, cols, 0)[:, None] * A_tile) * _column(dh, cols, 0)
     tl.store(dA_part + (b * dim + d)[:, None] * d_state + n[None, :], dA_acc, mask=dn_mask)
     tl.store(dD_part + b * dim + d, dD_acc, mask=d_mask)
     tl.store(dbias_part + b * dim + d, dbias_acc, mask=d_mask)
@@ -192,11 +279,11 @@ def _launch_config(u: Tensor, A: Tensor, B: Tensor) -> tuple[tuple[int, int], di
     batch, dim, length = u.shape
     groups, d_state = B.shape[1], A.shape[1]
     per_group = dim // groups
-    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(per_group))
+    block_n = triton.next_power_of_2(d_state)
+    block_d = min(MAX_BLOCK_D, triton.next_power_of_2(per_group), max(1, MAX_TILE // (block_n * CHUNK)))
     grid = (batch * groups, triton.cdiv(per_group, block_d))
     sizes = dict(dim=dim, groups=groups, per_group=per_group, length=length, d_state=d_state,
-                 n_chunks=triton.cdiv(length, CHUNK), CHUNK=CHUNK, BLOCK_D=block_d,
-                 BLOCK_N=triton.next_power_of_2(d_state))
+                 n_chunks=triton.cdiv(length, CHUNK), CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
     return grid, sizes
 
 
@@ -218,7 +305,8 @@ class _TritonSelectiveScan(torch.autograd.Function):
         starts = u.new_empty(u.shape[0], u.shape[1], sizes["n_chunks"], A.shape[1], dtype=torch.float32)
         with _on_device(u):
             _forward_kernel[grid](u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-                                  delta_bias if delta_bias is not None else u, out, starts, **sizes, **flags)
+                                  delta_bias if delta_bias is not None else u, out, starts, **sizes, **flags,
+                                  num_warps=NUM_WARPS)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts)
         ctx.flags = flags
         return out
@@ -229,7 +317,6 @@ class _TritonSelectiveScan(torch.autograd.Function):
         grid, sizes = _launch_config(u, A, B)
         batch, dim, length = u.shape
         f32 = dict(dtype=torch.float32, device=u.device)
-        scratch = torch.empty(batch, dim, CHUNK + 1, A.shape[1], **f32)
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dz = torch.empty_like(z) if z is not None else None
         dA_part = torch.empty(batch, *A.shape, **f32)
@@ -238,9 +325,9 @@ class _TritonSelectiveScan(torch.autograd.Function):
         with _on_device(u):
             _backward_kernel[grid](
                 u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-                delta_bias if delta_bias is not None else u, dout.contiguous(), starts, scratch,
+                delta_bias if delta_bias is not None else u, dout.contiguous(), starts,
                 du, ddelta, dz if dz is not None else du, dA_part, dB_part, dC_part, dD_part, dbias_part,
-                **sizes, **ctx.flags)
+                **sizes, **ctx.flags, num_warps=NUM_WARPS)
         dD = dD_part.sum(0).to(D.dtype) if D is not None else None
         dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         return (du, ddelta, dA_part.sum(0).to(A.dtype), dB_part.sum(2).to(B.dtype), dC_part.sum(2).to(C.dtype),
