@@ -15,7 +15,7 @@ from nnunet_segmamba.plans.memory import MemoryModel, fit, load_calibration, net
 from nnunet_segmamba.plans.planners import PLANNERS
 
 DATASET = 952
-TARGETS = (2.0, 4.0, 12.0)
+TARGETS = (1.5, 4.0, 12.0)
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +46,14 @@ def fullres(plans: dict) -> tuple[list[int], int]:
 
 @pytest.mark.parametrize("family", sorted(PLANNERS))
 def test_plans_name_our_network_fit_the_target_and_grow_with_it(folders, family):
-    sizes = []
+    sizes, configurations = [], set()
     for target in TARGETS:
         planner = PLANNERS[family](DATASET, gpu_memory_target_in_gb=target)
         plans = planner.plan_experiment()
         assert planner.plans_identifier == f"nnUNetPlans_{family}_{target:g}G"
         assert (folders["nnUNet_preprocessed"] / f"Dataset{DATASET}_Plan" / f"{planner.plans_identifier}.json").is_file()
         manager = PlansManager(plans)
-        for name in ("2d", "3d_fullres"):
+        for name in plans["configurations"]:
             configuration = manager.get_configuration(name)
             assert configuration.network_arch_class_name == PLANNERS[family].network_class_name
             check_patch_size(configuration)  # what our networks need of the patch
@@ -61,9 +61,11 @@ def test_plans_name_our_network_fit_the_target_and_grow_with_it(folders, family)
                                             configuration.network_arch_init_kwargs_req_import,
                                             configuration.batch_size)
             assert estimate <= target, (name, target, estimate)
+            configurations.add(name)
         patch, batch = fullres(plans)
         sizes.append((math.prod(patch), batch))
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # a larger target: a larger (or equal) patch and batch
+    assert configurations >= {"2d", "3d_lowres", "3d_fullres"}  # the smallest target's patch needs a lowres stage
 
 
 def test_batch_fills_the_memory_left_by_the_fixed_part():
