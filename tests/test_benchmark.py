@@ -23,13 +23,15 @@ def test_table_and_json_for_nnunets_and_our_trainer(tmp_path, capsys, monkeypatc
     monkeypatch.setenv("nnUNet_extTrainer", trainers_folder())
     output = tmp_path / "result.json"
     code = main(["benchmark", "--plans-file", str(tiny_plans_file(tmp_path)), "-tr", "nnUNetTrainer",
-                 "nnUNetTrainerSegMambaV2", "--device", "cpu", "--amp", "fp32", "--warmup", "0", "--repeats", "1",
-                 "--in-channels", "2", "--num-classes", "3", "-o", str(output)])
+                 "nnUNetTrainerSegMambaV2", "--resenc", "--device", "cpu", "--amp", "fp32", "--warmup", "0",
+                 "--repeats", "1", "--in-channels", "2", "--num-classes", "3", "-o", str(output)])
     assert code == 0
     out = capsys.readouterr().out
     assert "patch [32, 32, 32], batch 1, 2 -> 3 channels" in out
-    reference, ours = json.loads(output.read_text())["results"]
+    reference, resenc, ours = json.loads(output.read_text())["results"]
     assert reference["trainer"] == "nnUNetTrainer" and ours["trainer"] == "nnUNetTrainerSegMambaV2"
+    assert resenc["network"].endswith("ResidualEncoderUNet") and reference["network"].endswith("PlainConvUNet")
+    assert resenc["params_m"] > reference["params_m"]  # ResEnc's deeper encoder at the same geometry
     assert ours["params_m"] > reference["params_m"] > 0 and ours["gflops_forward"] > 0
     assert ours["train_step_ms"] > 0 and ours["inference_ms"] > 0 and ours["train_peak_gib"] is None
     assert "nnUNetTrainerSegMambaV2" in out.splitlines()[-2]

@@ -31,6 +31,25 @@ PRESETS = {
 
 AMP = {"fp16": "float16", "bf16": "bfloat16", "fp32": None}
 
+RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+"""Encoder blocks per stage of nnU-Net's ResEnc presets (M, L and XL differ only in their memory target,
+hence patch and batch); one conv per decoder stage."""
+RESENC_ROW = "nnUNetTrainer (ResEnc)"
+
+
+def resenc_configuration(configuration):
+    """`configuration`'s geometry (patch, strides, kernels, features) with nnU-Net's ResEnc UNet, as its ResEnc
+    planners write it: the ResEnc-L network at this patch."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    architecture = configuration.configuration["architecture"]
+    kwargs = {k: v for k, v in architecture["arch_kwargs"].items() if k != "n_conv_per_stage"}
+    n_stages = kwargs["n_stages"]
+    kwargs.update(n_blocks_per_stage=list(RESENC_BLOCKS[:n_stages]), n_conv_per_stage_decoder=[1] * (n_stages - 1))
+    return ConfigurationManager({**configuration.configuration, "architecture": {
+        **architecture, "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+        "arch_kwargs": kwargs}})
+
 
 class BenchmarkError(Exception):
     """A bad argument or missing input: printed as one line, exit code 2."""
@@ -215,6 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-channels", type=int, default=4, help="input channels without -d (default 4)")
     parser.add_argument("--num-classes", type=int, default=4, help="output channels without -d (default 4)")
     parser.add_argument("--batch-size", type=int, help="override the configuration's batch size")
+    parser.add_argument("--resenc", action="store_true", help="add nnU-Net's ResEnc UNet at the same geometry "
+                        "(ResEnc-L's network) as a row after the first trainer")
     parser.add_argument("--amp", choices=sorted(AMP), default="fp16", help="autocast dtype for all (default fp16)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -260,14 +281,16 @@ def main(args: argparse.Namespace) -> int:
           f"{num_classes} channels, autocast {args.amp}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
     try:  # all lookups before the Mamba kernels load (see find_trainer)
-        trainers = {name: find_trainer(name) for name in args.trainers}
+        rows = [(name, find_trainer(name), configuration) for name in args.trainers]
+        if args.resenc:
+            rows.insert(1, (RESENC_ROW, find_trainer("nnUNetTrainer"), resenc_configuration(configuration)))
     except RuntimeError as error:
         print(f"error: {error}")
         return 2
     print(describe_backend(device))
     results = []
-    for name, trainer in trainers.items():
-        network = trainer.build_network_architecture(manager, configuration, in_channels, num_classes, True)
+    for name, trainer, row_configuration in rows:
+        network = trainer.build_network_architecture(manager, row_configuration, in_channels, num_classes, True)
         print(f"  {name} ...", flush=True)
         results.append(benchmark_network(name, network, configuration.patch_size, batch_size, in_channels,
                                          num_classes, device, args.amp, args.warmup, args.repeats))
