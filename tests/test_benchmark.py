@@ -24,7 +24,8 @@ def test_table_and_json_for_nnunets_and_our_trainer(tmp_path, capsys, monkeypatc
     output = tmp_path / "result.json"
     code = main(["benchmark", "--plans-file", str(tiny_plans_file(tmp_path)), "-tr", "nnUNetTrainer",
                  "nnUNetTrainerSegMambaV2", "--resenc", "--device", "cpu", "--amp", "fp32", "--warmup", "0",
-                 "--repeats", "1", "--in-channels", "2", "--num-classes", "3", "-o", str(output)])
+                 "--repeats", "1", "--in-channels", "2", "--num-classes", "3", "--predict-volume", "2", "40", "36",
+                 "36", "-o", str(output)])
     assert code == 0
     out = capsys.readouterr().out
     assert "patch [32, 32, 32], batch 1, 2 -> 3 channels" in out
@@ -34,7 +35,8 @@ def test_table_and_json_for_nnunets_and_our_trainer(tmp_path, capsys, monkeypatc
     assert resenc["params_m"] > reference["params_m"]  # ResEnc's deeper encoder at the same geometry
     assert ours["params_m"] > reference["params_m"] > 0 and ours["gflops_forward"] > 0
     assert ours["train_step_ms"] > 0 and ours["inference_ms"] > 0 and ours["train_peak_gib"] is None
-    assert "nnUNetTrainerSegMambaV2" in out.splitlines()[-2]
+    assert "nnUNetTrainerSegMambaV2" in out.splitlines()[-2] and "volume s" in out
+    assert all(r["volume_s"] > 0 for r in (reference, resenc, ours))
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch):
@@ -44,8 +46,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch):
     assert main(["benchmark", "--plans-file", plans, "-tr", "nnUNetTrainerDoesNotExist"]) == 2
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     assert main(["benchmark", "-d", "5", "-tr", "nnUNetTrainer"]) == 2
+    assert main(["benchmark", "--plans-file", plans, "-tr", "nnUNetTrainer", "--predict-volume", "4", "64", "64"]) == 2
     errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 4
+    assert len(errors) == 5 and "--predict-volume needs 4 (the input channels) followed by 3" in errors[4]
     assert "no plans file" in errors[0] and "no configuration '2d'" in errors[1]
     assert "nnUNetTrainerDoesNotExist" in errors[2] and "nnUNet_preprocessed is not set" in errors[3]
 

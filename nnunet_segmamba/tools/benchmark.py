@@ -65,6 +65,7 @@ class Result:
     inference_ms: float
     inference_peak_gib: float | None
     network: str  # dotted class name
+    volume_s: float | None = None  # nnU-Net's sliding-window prediction of --predict-volume
 
 
 def preset_plans(name: str, in_channels: int) -> dict:
@@ -184,6 +185,29 @@ def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, i
                   inference_peak, f"{type(network).__module__}.{type(network).__qualname__}")
 
 
+def predict_volume_seconds(network, plans_manager, configuration, num_classes: int, shape: list[int],
+                           device) -> float:
+    """Seconds of nnU-Net's sliding-window prediction (tile step 0.5, Gaussian weighting, mirroring on all
+    axes, as nnUNetv2_predict) of a random (C, *spatial) volume; `network` without deep supervision."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=device, perform_everything_on_device=device.type == "cuda", allow_tqdm=False)
+    labels = {"background": 0, **{f"class{i}": i for i in range(1, num_classes)}}
+    predictor.manual_initialization(network, plans_manager, configuration, None, {"labels": labels}, "benchmark",
+                                    tuple(range(len(configuration.patch_size))))
+    volume = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        predictor.predict_sliding_window_return_logits(volume[(slice(None), *(slice(0, 1),) * (len(shape) - 1))])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        predictor.predict_sliding_window_return_logits(volume)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return time.perf_counter() - begin
+
+
 def load_configuration(args) -> tuple[dict, str, int, int]:
     """(plans dict, configuration name, input channels, output channels) from the arguments."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -236,6 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="override the configuration's batch size")
     parser.add_argument("--resenc", action="store_true", help="add nnU-Net's ResEnc UNet at the same geometry "
                         "(ResEnc-L's network) as a row after the first trainer")
+    parser.add_argument("--predict-volume", type=int, nargs="+", metavar="C D H W",
+                        help="also time nnU-Net's sliding-window prediction (with mirroring) of a volume this shape, "
+                        "e.g. 4 155 240 240")
     parser.add_argument("--amp", choices=sorted(AMP), default="fp16", help="autocast dtype for all (default fp16)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--warmup", type=int, default=5)
@@ -244,8 +271,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_table(results: list[Result], reference: Result) -> str:
+    volumes = any(r.volume_s is not None for r in results)
     header = (f"{'trainer':<34} {'params M':>9} {'GFLOP':>8} {'step ms':>9} {'x ref':>6} {'peak GiB':>9} {'x ref':>6} "
-              f"{'infer ms':>9} {'x ref':>6}")
+              f"{'infer ms':>9} {'x ref':>6}" + (f" {'volume s':>9} {'x ref':>6}" if volumes else ""))
     lines = [header, "-" * len(header)]
     for r in results:
         def ratio(value, base):
@@ -254,7 +282,8 @@ def format_table(results: list[Result], reference: Result) -> str:
         lines.append(f"{r.trainer:<34} {r.params_m:9.1f} {r.gflops_forward:8.0f} {r.train_step_ms:9.1f} "
                      f"{ratio(r.train_step_ms, reference.train_step_ms)} {peak} "
                      f"{ratio(r.train_peak_gib, reference.train_peak_gib)} {r.inference_ms:9.1f} "
-                     f"{ratio(r.inference_ms, reference.inference_ms)}")
+                     f"{ratio(r.inference_ms, reference.inference_ms)}"
+                     + (f" {r.volume_s:9.2f} {ratio(r.volume_s, reference.volume_s)}" if volumes else ""))
     return "\n".join(lines)
 
 
@@ -275,6 +304,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     manager = PlansManager(plans)
     configuration = manager.get_configuration(configuration_name)
+    volume = args.predict_volume
+    if volume and (len(volume) != 1 + len(configuration.patch_size) or volume[0] != in_channels):
+        print(f"error: --predict-volume needs {in_channels} (the input channels) followed by "
+              f"{len(configuration.patch_size)} spatial sizes, not {' '.join(map(str, volume))}")
+        return 2
     batch_size = args.batch_size or configuration.batch_size
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"{configuration_name}: patch {configuration.patch_size}, batch {batch_size}, {in_channels} -> "
@@ -294,6 +328,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {name} ...", flush=True)
         results.append(benchmark_network(name, network, configuration.patch_size, batch_size, in_channels,
                                          num_classes, device, args.amp, args.warmup, args.repeats))
+        if args.predict_volume:
+            network.decoder.deep_supervision = False
+            results[-1].volume_s = predict_volume_seconds(network, manager, row_configuration, num_classes,
+                                                          args.predict_volume, device)
         del network
         if device.type == "cuda":
             torch.cuda.empty_cache()
