@@ -50,10 +50,10 @@ def fit(points: Sequence[dict[str, float]], beta: float = BYTES_PER_PARAMETER / 
         default_gamma: float = 0.5) -> MemoryModel:
     """Least-squares `alpha`, `gamma` from measured points {batch_size, activations, parameters, peak_gib};
     `gamma` stays `default_gamma` if the points do not vary in batch * activations."""
+    if not points:
+        raise ValueError("fit needs at least one measured point")
     load = np.array([p["batch_size"] * p["activations"] / 1e9 for p in points])
     rest = np.array([p["peak_gib"] - beta * p["parameters"] for p in points])
-    if len(points) == 0:
-        raise ValueError("fit needs at least one measured point")
     if np.ptp(load) == 0:
         return MemoryModel(alpha=float(np.mean((rest - default_gamma) / load)), gamma=default_gamma, beta=beta)
     alpha, gamma = np.linalg.lstsq(np.stack([load, np.ones_like(load)], 1), rest, rcond=None)[0]

@@ -42,7 +42,8 @@ class Budget:
     iterations: int
 
 
-BUDGETS = {  # for the four default trainers: cpu ~8 min on 2 cores, gpu ~9 min on an H100 (a smoke run: Dice stays low)
+BUDGETS = {  # four default trainers, a smoke run (Dice stays low): cpu measured ~10 min on 2 cores (BENCHMARKS.md);
+    # gpu sized for ~9 min on an H100 from measured step times, the whole run not yet measured
     "cpu": Budget("iso", (16, 40, 40), cases=6, test_cases=2, epochs=3, iterations=6),
     "gpu": Budget("iso", (48, 64, 64), cases=20, test_cases=4, epochs=5, iterations=50),
 }
