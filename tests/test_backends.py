@@ -49,13 +49,23 @@ def test_argument_overrides_environment(monkeypatch):
 def test_failed_kernel_import_falls_back_with_one_warning(monkeypatch):
     """On a GPU whose kernels do not import (absent, or built for another torch) 'auto' warns once and
     runs the torch scan; a forced 'cuda' is an error that says how to fix it."""
-    monkeypatch.setattr(backends, "_cuda_ops", lambda index: (None, "mamba-ssm could not be imported (test)"))
-    with pytest.warns(UserWarning, match="using the exact PyTorch scan instead") as caught:
+    monkeypatch.setitem(backends.GPU_OPS, "cuda", lambda index: (None, "mamba-ssm could not be imported (test)"))
+    monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (None, "Triton could not be imported (test)"))
+    with pytest.warns(UserWarning, match="mamba-ssm could not .* Triton could not .* using the exact PyTorch") as caught:
         assert backends._resolve("auto", "cuda", 0).name == "torch"
         assert backends._resolve("auto", "cuda", 0).name == "torch"
     assert len(caught) == 1
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation mamba-ssm"):
         backends._resolve("cuda", "cuda", 0)
+
+
+def test_auto_without_mamba_ssm_takes_the_triton_scan(monkeypatch, recwarn):
+    """A GPU machine without mamba-ssm (no nvcc to build it) runs our Triton kernels, silently."""
+    triton = backends.ScanOps("triton", "test", backends.conv1d_silu_torch, backends.torch_selective_scan)
+    monkeypatch.setitem(backends.GPU_OPS, "cuda", lambda index: (None, "mamba-ssm could not be imported (test)"))
+    monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (triton, ""))
+    assert backends._resolve("auto", "cuda", 0) is triton
+    assert not recwarn.list
 
 
 def test_mamba_ssm_is_not_imported_on_cpu():
@@ -69,6 +79,6 @@ def test_triton_is_a_gpu_backend_with_its_own_fix(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "triton")
     with pytest.raises(RuntimeError, match="'triton' was requested, but the tensors are on cpu"):
         Mamba(8)(torch.randn(1, 5, 8))
-    monkeypatch.setattr(backends, "_triton_ops", lambda index: (None, "Triton could not be imported (test)"))
+    monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (None, "Triton could not be imported (test)"))
     with pytest.raises(RuntimeError, match="Triton could not be imported .*torch build that ships Triton"):
         backends._resolve("triton", "cuda", 0)

@@ -3,11 +3,10 @@
 - ``cuda``: mamba-ssm's selective-scan kernel, and causal-conv1d's kernel when that package is there.
 - ``torch``: the exact PyTorch scan of `scan.py` and ``F.conv1d``; any device.
 - ``triton``: our Triton selective scan (`triton_scan.py`, no compile step) and ``F.conv1d``; CUDA only.
-  Opt-in until it is measured against ``cuda`` on the GPU machine (issue 9).
 
 The choice, in order: the layer's ``backend`` argument, the environment variable
-``NNUNET_SEGMAMBA_SCAN`` (``auto``, ``cuda``, ``triton`` or ``torch``), then ``auto``: ``cuda`` for CUDA tensors
-when mamba-ssm imports and its kernel runs on the GPU, else ``torch``. A forced ``cuda`` that cannot run
+``NNUNET_SEGMAMBA_SCAN`` (``auto``, ``cuda``, ``triton`` or ``torch``), then ``auto``: for CUDA tensors the first
+of AUTO_PREFERENCE whose kernels import and run on the GPU, else ``torch``. A forced ``cuda`` that cannot run
 is an error; an automatic fall-back is a warning, once. mamba-ssm is imported on first use only: its
 import fails on machines without CUDA.
 """
@@ -136,6 +135,9 @@ def _triton_ops(device_index: int) -> tuple[ScanOps | None, str]:
     return (None, problem) if problem else (ops, "")
 
 
+GPU_OPS = {"cuda": _cuda_ops, "triton": _triton_ops}
+AUTO_PREFERENCE = ("cuda", "triton")
+"""What ``auto`` tries on a CUDA device, first to last, before the PyTorch scan."""
 FIX_HINTS = {"cuda": CUDA_INSTALL_HINT,
              "triton": "use a torch build that ships Triton (the Linux CUDA wheels do), or backend 'cuda'"}
 
@@ -179,14 +181,18 @@ def _resolve(choice: str, device_type: str, device_index: int | None) -> ScanOps
         ops = TORCH_OPS
     else:
         index = torch.cuda.current_device() if device_index is None else device_index
-        kernels = "cuda" if choice == "auto" else choice
-        ops, reason = (_triton_ops if kernels == "triton" else _cuda_ops)(index)
-        hint = FIX_HINTS[kernels]
-        if ops is None:
+        reasons = []
+        for kernels in AUTO_PREFERENCE if choice == "auto" else (choice,):
+            ops, reason = GPU_OPS[kernels](index)
+            if ops is not None:
+                break
+            reasons.append(reason)
             if choice != "auto":
-                raise RuntimeError(f"Scan backend {choice!r} was requested, but {reason}. Fix: {hint}.")
-            warnings.warn(f"nnunet-segmamba: {reason}; using the exact PyTorch scan instead, which is several "
-                          f"times slower and needs more memory. Fix: {hint}.", stacklevel=3)
+                raise RuntimeError(f"Scan backend {choice!r} was requested, but {reason}. Fix: {FIX_HINTS[choice]}.")
+        else:
+            hints = "; or ".join(FIX_HINTS[k] for k in AUTO_PREFERENCE)
+            warnings.warn(f"nnunet-segmamba: {'; '.join(reasons)}; using the exact PyTorch scan instead, which is "
+                          f"several times slower and needs more memory. Fix: {hints}.", stacklevel=3)
             ops = TORCH_OPS
     logger.info("Mamba scan backend on %s: %s (%s)", device_type, ops.name, ops.description)
     return ops
