@@ -49,7 +49,8 @@ class MemoryModel:
 def fit(points: Sequence[dict[str, float]], beta: float = BYTES_PER_PARAMETER / 2**30,
         default_gamma: float = 0.5) -> MemoryModel:
     """Least-squares `alpha`, `gamma` from measured points {batch_size, activations, parameters, peak_gib};
-    `gamma` stays `default_gamma` if the points do not vary in batch * activations."""
+    `gamma` stays `default_gamma` if the points do not vary in batch * activations. A negative `gamma` is
+    clamped to 0 with the free fit's `alpha`, which over-estimates small peaks: the safe side for planning."""
     if not points:
         raise ValueError("fit needs at least one measured point")
     load = np.array([p["batch_size"] * p["activations"] / 1e9 for p in points])
