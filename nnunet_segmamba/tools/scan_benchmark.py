@@ -4,7 +4,8 @@
   the scan alone), e.g. L = 4096 tokens of a d_model = 64 layer (128 channels, N = 16).
 - default: a Mamba layer forward + backward with each available backend at the token counts of a
   128^3 plan's Mamba stages; relative errors of the output and of the input and parameter gradients
-  of every backend against ``torch`` in fp32 (and under bf16 autocast), and median times.
+  of every backend against ``torch`` in fp32 (and under bf16 autocast), and median times. Then the scan
+  alone per GPU backend: time and achieved memory bandwidth against the GPU's.
 """
 
 from __future__ import annotations
@@ -66,24 +67,31 @@ def reference_comparison(length: int, channels: int, d_state: int, repeats: int)
     print(f"  speed-up: {rows[0][1] / rows[1][1]:.1f}x")
 
 
-def backend_comparison(orders_per_layer: list[int], batch: int, warmup: int, repeats: int) -> None:
+def gpu_scans(device) -> dict:
+    """{backend name: selective scan} of the GPU backends that run on `device` (the others are reported)."""
+    from nnunet_segmamba.mamba.backends import GPU_OPS
+
+    scans = {}
+    for name, find in GPU_OPS.items():
+        ops, reason = find(device.index)
+        if ops is None:
+            print(f"{name} backend unavailable: {reason}")
+        else:
+            scans[name] = ops.selective_scan
+    return scans
+
+
+def backend_comparison(backends: list[str], orders_per_layer: list[int], batch: int, warmup: int,
+                       repeats: int) -> None:
     """Each GPU backend's Mamba layer (mamba-ssm's `cuda`, our `triton`) against the torch backend, same
     weights and inputs: relative errors of output, input gradient and weight gradients; median times."""
     import torch
 
     from nnunet_segmamba.mamba import Mamba, plane_orders, raster_order
-    from nnunet_segmamba.mamba.backends import _cuda_ops, _triton_ops
 
     device = torch.device("cuda")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    backends = []
-    for name, find in (("cuda", _cuda_ops), ("triton", _triton_ops)):
-        ops, reason = find(device.index or 0)
-        if ops is None:
-            print(f"{name} backend unavailable: {reason}")
-        else:
-            backends.append(name)
     print(f"Mamba layer forward + backward, batch {batch}, {torch.cuda.get_device_name(device)}; errors relative "
           f"to the torch backend, speed-up = torch ms / backend ms")
     header = f"{'d_model':>7} {'tokens':>8} {'orders':>6} {'dtype':>8} {'backend':>7} | " \
@@ -123,6 +131,67 @@ def backend_comparison(orders_per_layer: list[int], batch: int, warmup: int, rep
                           f"{times[name]:8.2f} {times['torch'] / times[name]:7.1f}x")
 
 
+def scan_bytes(batch: int, dim: int, groups: int, d_state: int, length: int, element_size: int) -> int:
+    """The least memory traffic of a selective scan's forward + backward: the forward reads u, delta, z (batch,
+    dim, L), B and C (batch, groups, N, L) and writes the output; the backward reads them and d(out) and writes
+    their five gradients. Parameters (A, D, bias) and saved states are left out: a lower bound."""
+    streams = 3 * dim + 2 * groups * d_state  # u, delta, z, B, C
+    forward = (streams + dim) * batch * length
+    backward = (streams + dim + streams) * batch * length
+    return (forward + backward) * element_size
+
+
+def peak_bandwidth_gbs(device) -> float | None:
+    """The GPU's memory bandwidth from its clock and bus width (double data rate), GB/s; None if unknown."""
+    import torch
+
+    properties = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(properties, "memory_clock_rate", 0), getattr(properties, "memory_bus_width", 0)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
+
+
+def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int,
+                   stages=STAGES, d_state: int = 16) -> list[dict]:
+    """The selective scan alone, forward + backward, at each stage's token count with the channels of a
+    tri-orientated layer (3 orders as groups, expand 2): time and achieved bandwidth (`scan_bytes` / time)
+    of each backend in `backends` ({name: selective_scan}), fp32 and bf16 inputs."""
+    import torch
+
+    rows = []
+    for d_model, grid in stages:
+        length, groups = grid[0] * grid[1] * grid[2], 3
+        dim = 2 * d_model * groups
+        g = torch.Generator(device=device).manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            def tensor(*shape, scale=1.0):
+                return (scale * torch.randn(*shape, device=device, generator=g)).to(dtype).requires_grad_()
+            u, delta, z = tensor(batch, dim, length), tensor(batch, dim, length, scale=0.1), tensor(batch, dim, length)
+            B, C = tensor(batch, groups, d_state, length), tensor(batch, groups, d_state, length)
+            A = (-torch.rand(dim, d_state, device=device, generator=g) - 0.5).requires_grad_()
+            D, bias = torch.ones(dim, device=device, requires_grad=True), torch.zeros(dim, device=device, requires_grad=True)
+            grad = torch.randn(batch, dim, length, device=device, generator=g).to(dtype)
+            for name, scan in backends.items():
+                def step():
+                    out = scan(u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True)
+                    torch.autograd.grad(out, (u, delta, A, B, C, D, z, bias), grad)
+                ms = _median_ms(step, device, warmup, repeats)
+                gbs = scan_bytes(batch, dim, groups, d_state, length, u.element_size()) / ms / 1e6
+                rows.append({"d_model": d_model, "grid": grid, "dim": dim, "dtype": str(dtype)[6:], "backend": name,
+                             "ms": ms, "gbs": gbs})
+    return rows
+
+
+def print_bandwidth(rows: list[dict], peak_gbs: float | None, title: str) -> None:
+    peak = f"memory bandwidth {peak_gbs:.0f} GB/s (clock x bus width)" if peak_gbs else "memory bandwidth unknown"
+    print(f"\n{title}; bytes = least traffic of the scan's inputs, outputs and gradients; {peak}")
+    header = f"{'d_model':>7} {'tokens':>8} {'channels':>8} {'dtype':>8} {'backend':>7} | {'ms':>8} {'GB/s':>8} {'of peak':>7}"
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        share = f"{100 * r['gbs'] / peak_gbs:6.1f}%" if peak_gbs else f"{'-':>7}"
+        print(f"{r['d_model']:>7} {'x'.join(map(str, r['grid'])):>8} {r['dim']:>8} {r['dtype']:>8} {r['backend']:>7} | "
+              f"{r['ms']:8.2f} {r['gbs']:8.1f} {share}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0].split(": ", 1)[1]
     parser.add_argument("--reference", action="store_true", help="torch scan vs token-by-token reference (CPU)")
@@ -143,5 +212,10 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("error: the backend comparison needs a CUDA GPU (use --reference on the CPU)")
         return 2
-    backend_comparison(args.orders, args.batch, args.warmup, args.repeats)
+    device = torch.device("cuda", torch.cuda.current_device())
+    kernels = gpu_scans(device)
+    backend_comparison(list(kernels), args.orders, args.batch, args.warmup, args.repeats)
+    rows = scan_bandwidth(kernels, device, args.batch, args.warmup, args.repeats)
+    print_bandwidth(rows, peak_bandwidth_gbs(device), f"Selective scan alone (tri-orientated layer's channels), "
+                    f"forward + backward, batch {args.batch}, {torch.cuda.get_device_name(device)}")
     return 0

@@ -1,0 +1,23 @@
+"""`benchmark-scan`'s bandwidth table: the byte count it divides by, and a run of the table on the CPU."""
+
+import torch
+
+from nnunet_segmamba.mamba.scan import selective_scan
+from nnunet_segmamba.tools.scan_benchmark import print_bandwidth, scan_bandwidth, scan_bytes
+
+
+def test_scan_bytes_counts_every_input_output_and_gradient_once():
+    # batch 1, 2 channels, 1 group, N = 4, L = 10, fp32: forward reads u, delta, z (3 x 2 x 10) and B, C
+    # (2 x 4 x 10) and writes out (2 x 10); the backward reads those and d(out), writes the 5 gradients
+    streams = 3 * 2 * 10 + 2 * 4 * 10
+    assert scan_bytes(1, 2, 1, 4, 10, 4) == 4 * ((streams + 20) + (streams + 20 + streams))
+    assert scan_bytes(2, 2, 1, 4, 10, 2) == scan_bytes(1, 2, 1, 4, 10, 4)  # twice the batch in half the bytes
+
+
+def test_bandwidth_table_runs_on_any_device(capsys):
+    rows = scan_bandwidth({"torch": selective_scan}, torch.device("cpu"), batch=1, warmup=0, repeats=1,
+                          stages=[(4, (2, 2, 3))], d_state=4)
+    assert [(r["dtype"], r["dim"]) for r in rows] == [("float32", 24), ("bfloat16", 24)]
+    assert all(r["ms"] > 0 and r["gbs"] > 0 for r in rows)
+    print_bandwidth(rows, None, "test")
+    assert "2x2x3" in capsys.readouterr().out
