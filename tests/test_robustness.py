@@ -110,6 +110,19 @@ def test_kernels_that_do_not_run_on_this_gpu_are_reported():
     assert "no kernel image is available" in backends.probe(ops, torch.device("cpu"))
 
 
+def test_kernels_that_compute_wrong_values_are_not_taken():
+    """A kernel that runs but is wrong (a miscompiled build, say) fails the self-test against the PyTorch scan."""
+    def off_by_a_bit(*args, **kwargs):
+        return 1.01 * selective_scan(*args, **kwargs)
+
+    def not_a_number(*args, **kwargs):
+        return torch.full((1, 2, 40), float("nan"))
+
+    for kernel, error in ((off_by_a_bit, "relative error 1.0e-02"), (not_a_number, "relative error nan")):
+        ops = backends.ScanOps("triton", "Triton (test)", backends.conv1d_silu_torch, kernel)
+        assert f"failed a self-test against the PyTorch scan ({error})" in backends.probe(ops, torch.device("cpu"))
+
+
 def test_batches_beyond_the_kernels_int32_indexing_are_split(monkeypatch):
     calls = []
 

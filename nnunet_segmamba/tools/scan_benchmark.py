@@ -168,7 +168,8 @@ def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int
             u, delta, z = tensor(batch, dim, length), tensor(batch, dim, length, scale=0.1), tensor(batch, dim, length)
             B, C = tensor(batch, groups, d_state, length), tensor(batch, groups, d_state, length)
             A = (-torch.rand(dim, d_state, device=device, generator=g) - 0.5).requires_grad_()
-            D, bias = torch.ones(dim, device=device, requires_grad=True), torch.zeros(dim, device=device, requires_grad=True)
+            D = torch.ones(dim, device=device, requires_grad=True)
+            bias = torch.zeros(dim, device=device, requires_grad=True)
             grad = torch.randn(batch, dim, length, device=device, generator=g).to(dtype)
             for name, scan in backends.items():
                 def step():
@@ -184,7 +185,8 @@ def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int
 def print_bandwidth(rows: list[dict], peak_gbs: float | None, title: str) -> None:
     peak = f"memory bandwidth {peak_gbs:.0f} GB/s (clock x bus width)" if peak_gbs else "memory bandwidth unknown"
     print(f"\n{title}; bytes = least traffic of the scan's inputs, outputs and gradients; {peak}")
-    header = f"{'d_model':>7} {'tokens':>8} {'channels':>8} {'dtype':>8} {'backend':>7} | {'ms':>8} {'GB/s':>8} {'of peak':>7}"
+    header = (f"{'d_model':>7} {'tokens':>8} {'channels':>8} {'dtype':>8} {'backend':>7} | "
+              f"{'ms':>8} {'GB/s':>8} {'of peak':>7}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         share = f"{100 * r['gbs'] / peak_gbs:6.1f}%" if peak_gbs else f"{'-':>7}"
