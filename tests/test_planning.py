@@ -11,7 +11,7 @@ from nnunet_segmamba.cli import main
 from nnunet_segmamba.datasets.raw import write_raw_dataset
 from nnunet_segmamba.datasets.synthetic import spec_from_preset
 from nnunet_segmamba.networks.plans import check_patch_size
-from nnunet_segmamba.plans.memory import CALIBRATION_FILE, MemoryModel, fit, load_calibration, network_sizes
+from nnunet_segmamba.plans.memory import CALIBRATION_FILE, MemoryModel, fit, load_calibration
 from nnunet_segmamba.plans.planners import PLANNERS
 
 DATASET = 952
