@@ -115,8 +115,12 @@ def test_network_at_a_128_plan_gives_the_same_output_with_either_backend(network
         assert relative(exact(x), kernels(x)) < 1e-4
 
 
-def test_trainers_autocast_in_bf16_on_this_gpu():
-    assert autocast_dtype(CUDA) == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+def test_trainers_autocast_in_fp16_unless_bf16_is_asked_for(monkeypatch):
+    monkeypatch.delenv("NNUNET_SEGMAMBA_AMP", raising=False)
+    assert autocast_dtype(CUDA) == torch.float16
+    if torch.cuda.is_bf16_supported():
+        monkeypatch.setenv("NNUNET_SEGMAMBA_AMP", "bf16")
+        assert autocast_dtype(CUDA) == torch.bfloat16
 
 
 def generated_cases(count: int = 16, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,9 +155,9 @@ def test_killed_training_resumes_with_continue_as_if_uninterrupted(preprocessed,
 
 @pytest.mark.cuda
 def test_gpu_trained_checkpoint_predicts_on_the_cpu(preprocessed, tmp_path, trainer="nnUNetTrainerSegMambaV2_ci"):
-    """A checkpoint trained on the GPU (mamba-ssm kernels, bf16 autocast) predicts with `-device cpu` (exact
-    PyTorch scan, fp32): the same segmentation up to the precision difference (H100, after 2 iterations:
-    max |p_gpu - p_cpu| 1.2e-2 / 4.4e-2, labels agree on 99.9% of voxels; near-tie voxels flip under bf16)."""
+    """A checkpoint trained on the GPU (mamba-ssm kernels, fp16 autocast) predicts with `-device cpu` (exact
+    PyTorch scan, fp32): the same segmentation up to the precision difference (H100, after 2 iterations of
+    bf16 training: max |p_gpu - p_cpu| 1.2e-2 / 4.4e-2, labels agree on 99.9% of voxels; near-tie voxels flip)."""
     root, env = preprocessed
     raw = Path(env["nnUNet_raw"]) / f"Dataset{DATASET}_E2E"
     run_env = {**env, "nnUNet_results": str(tmp_path / "results")}

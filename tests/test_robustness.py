@@ -153,7 +153,7 @@ def test_a_diverged_run_stops_with_advice(make_trainer):
     trainer.max_non_finite_steps = 3
     for loss in (np.nan, np.inf, 1.0, np.nan, np.nan):  # a finite loss resets the count
         trainer._stop_if_diverged(np.array(loss))
-    with pytest.raises(RuntimeError, match=r"not finite for 3 consecutive steps .*bf16.*checkpoint_latest"):
+    with pytest.raises(RuntimeError, match=r"not finite for 3 consecutive steps .*NNUNET_SEGMAMBA_AMP=bf16.*checkpoint_latest"):
         trainer._stop_if_diverged(np.array(np.nan))
 
 

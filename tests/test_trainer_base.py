@@ -35,7 +35,19 @@ def test_nested_autocast_sets_the_dtype_of_nnunets_own_autocast():
 
 
 def test_amp_and_compile_decisions(monkeypatch):
+    monkeypatch.delenv("NNUNET_SEGMAMBA_AMP", raising=False)
     assert base.autocast_dtype(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    assert base.autocast_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setenv("NNUNET_SEGMAMBA_AMP", "bf16")
+    with pytest.raises(ValueError, match="NNUNET_SEGMAMBA_AMP=bf16 but Tesla V100 has no bf16: unset it"):
+        base.autocast_dtype(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert base.autocast_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setenv("NNUNET_SEGMAMBA_AMP", "fp8")
+    with pytest.raises(ValueError, match="NNUNET_SEGMAMBA_AMP='fp8': expected one of fp16, bf16"):
+        base.autocast_dtype(torch.device("cpu"))
     monkeypatch.delenv("nnUNet_compile", raising=False)
     assert not base.compile_requested()
     monkeypatch.setenv("nnUNet_compile", "1")
