@@ -84,6 +84,19 @@ def test_several_channel_blocks_and_chunks(monkeypatch):
     compare(random_inputs(1, 12, 4, 9, 2), False, FP32)  # one partial chunk
 
 
+@pytest.mark.parametrize("groups,options", [(1, True), (2, False)])
+def test_segments_scanned_in_parallel(monkeypatch, groups, options):
+    """Sequences split into segments (summary pass, carry between segments, full pass; forward and
+    backward), the last segment shorter: 10 chunks of 16 in segments of 4, 4 and 2."""
+    monkeypatch.setattr(triton_scan, "CHUNK", 16)
+    monkeypatch.setattr(triton_scan, "MIN_SEGMENT_CHUNKS", 3)
+    monkeypatch.setattr(triton_scan, "PROGRAMS_PER_SM", 64)
+    tensors = random_inputs(2, 8, 4, 155, groups)
+    grid, sizes = triton_scan._launch_config(*(tensors[i].detach() for i in (0, 2, 3)))
+    assert grid[2] == 3 and sizes["seg_chunks"] == 4 and sizes["n_chunks"] == 10
+    compare(tensors, options, FP32)
+
+
 def test_bfloat16_inputs():
     """bf16 in, fp32 inside, bf16 out: the same up to bf16 rounding of the results."""
     compare(random_inputs(2, 6, 4, 37, 1, dtype=torch.bfloat16), True, dict(rtol=2e-2, atol=2e-2))
@@ -101,13 +114,23 @@ _, sizes = triton_scan._launch_config(torch.empty(2, 384, 4096, **meta), torch.e
                                       torch.empty(2, 1, 16, 4096, **meta))
 blocks = {name: sizes[name] for name in ("CHUNK", "BLOCK_D", "BLOCK_N")}
 bf16 = {"u", "delta", "B", "C", "z", "out", "dout", "du", "ddelta", "dz"}  # A, D, bias, buffers: fp32
+target, options = GPUTarget("cuda", 90, 32), dict(num_warps=triton_scan.NUM_WARPS)
+
+
+def build(kernel, constexprs, integers):
+    signature = {name: "constexpr" if name in constexprs else "i32" if name in integers
+                 else "*bf16" if name in bf16 else "*fp32" for name in kernel.arg_names}
+    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=target, options=options)
+
+
 for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
-    for options in (True, False):
-        constexprs = dict(HAS_D=options, HAS_Z=options, HAS_BIAS=options, SOFTPLUS=options, **blocks)
-        signature = {name: "constexpr" if name in constexprs else "i32" if name in sizes
-                     else "*bf16" if name in bf16 else "*fp32" for name in kernel.arg_names}
-        triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=triton_scan.NUM_WARPS))
+    for summary in (True, False):
+        for flags in (True, False):
+            build(kernel, dict(SUMMARY=summary, HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags,
+                                 **blocks), sizes)
+for reverse in (True, False):
+    build(triton_scan._carry_kernel, dict(REVERSE=reverse, BLOCK_D=blocks["BLOCK_D"], BLOCK_N=blocks["BLOCK_N"]),
+            {"dim", "d_state", "n_segments"})
 """
 
 

@@ -1,0 +1,57 @@
+"""Launch settings of the Triton scan on this GPU: the scan alone (tri-orientated layer's channels, forward +
+backward, batch 2) per setting of `triton_scan`'s module constants, against mamba-ssm's kernel, same run.
+
+    source .device-kit/activate.sh; .ci/gpu sweep-triton   (on the GPU machine)
+"""
+
+import torch
+
+from nnunet_segmamba.mamba import triton_scan
+from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
+
+SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK); PROGRAMS_PER_SM 0: one segment (no split)
+    (8, 1, 512, 32), (0, 1, 512, 32), (32, 1, 512, 32), (8, 4, 4096, 32),
+]
+NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "MAX_TILE", "CHUNK")
+
+device = torch.device("cuda")
+scans = gpu_scans(device)
+baseline = {(r["d_model"], r["dtype"]): r["ms"] for r in scan_bandwidth({"cuda": scans["cuda"]}, device, 2, 3, 10)}
+
+
+def errors(length=32768, dim=768, groups=3, d_state=16):
+    """Relative error of out and of all gradients, triton vs cuda, fp32, at the largest stage."""
+    g = torch.Generator(device=device).manual_seed(0)
+    leaves = [torch.randn(2, dim, length, device=device, generator=g), 0.1 * torch.randn(2, dim, length, device=device, generator=g),
+              -torch.rand(dim, d_state, device=device, generator=g) - 0.5,
+              torch.randn(2, groups, d_state, length, device=device, generator=g),
+              torch.randn(2, groups, d_state, length, device=device, generator=g), torch.ones(dim, device=device),
+              torch.randn(2, dim, length, device=device, generator=g), torch.zeros(dim, device=device)]
+    results = []
+    for scan in (scans["cuda"], triton_scan.triton_selective_scan):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        out = scan(*inputs[:7], delta_bias=inputs[7], delta_softplus=True)
+        results.append([out, *torch.autograd.grad(out, inputs, torch.ones_like(out))])
+    return max(_relative(a, b) for a, b in zip(results[1], results[0]))
+
+
+print(f"{'setting':<34} {'d_model':>7} {'dtype':>8} | {'triton ms':>9} {'cuda ms':>8} {'triton/cuda':>11}")
+for setting in SETTINGS:
+    for name, value in zip(NAMES, setting):
+        setattr(triton_scan, name, value)
+    label = " ".join(f"{n.split('_')[0][:5].lower()}={v}" for n, v in zip(NAMES, setting))
+    try:
+        rows = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 2, 3, 10)
+        error = errors()
+    except Exception as e:  # a setting that does not compile or run: report and go on
+        print(f"{label:<34} failed: {str(e).splitlines()[0][:120]}")
+        continue
+    few_channels = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 1, 3, 10,
+                                  stages=[(32, (32, 32, 32))])  # batch 1, d_model 32: 192 programs
+    few_baseline = scan_bandwidth({"cuda": scans["cuda"]}, device, 1, 3, 10, stages=[(32, (32, 32, 32))])
+    for r, base in zip(few_channels, few_baseline):
+        print(f"{label:<34} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} {r['ms'] / base['ms']:10.2f}x")
+    for r in rows:
+        cuda_ms = baseline[(r["d_model"], r["dtype"])]
+        print(f"{label:<34} {r['d_model']:>7} {r['dtype']:>8} | {r['ms']:9.2f} {cuda_ms:8.2f} {r['ms'] / cuda_ms:10.2f}x")
+    print(f"{label:<34} max relative error vs cuda (out, all grads, fp32, 32^3 tokens): {error:.1e}")
