@@ -10,7 +10,7 @@ from nnunet_segmamba.mamba import triton_scan
 from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
 
 SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK); PROGRAMS_PER_SM 0: one segment (no split)
-    (8, 1, 512, 32), (0, 1, 512, 32), (32, 1, 512, 32), (8, 4, 4096, 32),
+    (8, 1, 512, 32), (0, 1, 512, 32), (32, 1, 512, 32),
 ]
 NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "MAX_TILE", "CHUNK")
 

@@ -2,14 +2,18 @@
 
 import json
 
+import pytest
+
 from nnunet_segmamba.cli import main
-from nnunet_segmamba.tools.benchmark import PRESETS, preset_plans
+from nnunet_segmamba.tools.benchmark import (CATEGORIES, KERNEL_CATEGORIES, PRESETS, Result, format_compiled,
+                                             kernel_category, preset_plans)
 from tests import nnunet_plans
 
 
-def tiny_plans_file(tmp_path):
-    configuration = nnunet_plans.configuration([32, 32, 32], [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
-                                               [[3, 3, 3]] * 4, [4, 8, 8, 8], batch_size=1)
+def tiny_plans_file(tmp_path, patch=32, features=(4, 8, 8, 8)):
+    n_stages = len(features)
+    configuration = nnunet_plans.configuration([patch] * 3, [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1),
+                                               [[3, 3, 3]] * n_stages, list(features), batch_size=1)
     plans = {"dataset_name": "Tiny", "plans_name": "nnUNetPlans",
              "configurations": {"3d_fullres": configuration.configuration}}
     path = tmp_path / "plans.json"
@@ -60,3 +64,103 @@ def test_presets_are_nnunet_plans():
         configuration = PlansManager(preset_plans(name, 1)).get_configuration(name)
         assert configuration.patch_size == preset["patch_size"]
         assert len(configuration.pool_op_kernel_sizes) == len(preset["features"])
+
+
+KERNELS = {  # names as torch.profiler reports them on an H100/H200 (arguments shortened)
+    "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_nn_align8>(Params)": "matmul",
+    "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__"
+    "5x_cublas": "matmul",
+    "sm90_xmma_fprop_implicit_gemm_indexed_wo_smem_f16f16_f16f32_f32_ndhwc_tilesize128x64x64_warpgroupsize1x1x1_g1_"
+    "execute_kernel__5x_cudnn": "convolution",
+    "sm80_xmma_wgrad_implicit_gemm_indexed_f16f16_f16f32_f32_ndhwc_kernel_cudnn": "convolution",
+    "void cudnn::detail::implicit_convolve_sgemm<float, float, 128, 5, 5, 3, 3, 3, 1, false, false, true>(int, int)":
+        "convolution",
+    "void at::native::(anonymous namespace)::conv_depthwise3d_cuda_kernel<float, float, 3, 3, 3>(...)": "convolution",
+    "void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float, false, true, (cudnnKernelDataType_t)0>"
+    "(...)": "copy/layout",
+    "cudnn::bn_bw_1C11_kernel_new<__half, float, float2, 512, true, 1, true>(...)": "normalization",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::leaky_relu_kernel("
+    "at::TensorIteratorBase&, c10::Scalar const&)::{lambda(float)#1}, std::array<char*, 2> >(int, ...)": "elementwise",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::(anonymous namespace)::leaky_relu_backward_kernel("
+    "at::TensorIteratorBase&, c10::Scalar const&)::{lambda(c10::Half, c10::Half)#1}, std::array<char*, 3> >(int, ...)":
+        "elementwise",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1> >(...)":
+        "elementwise",
+    "void at::native::vectorized_elementwise_kernel<4, at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::"
+    "{lambda(float)#1}, std::array<char*, 2> >(int, ...)": "copy/layout",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous namespace)::OpaqueType<2u>, "
+    "unsigned int, 5, 64, 64>(...)": "copy/layout",
+    "Memcpy DtoD (Device -> Device)": "copy/layout",
+    "_forward_kernel": "scan",
+    "_backward_kernel": "scan",
+    "void selective_scan_fwd_kernel<Selective_Scan_fwd_kernel_traits<32, 4, 1, true, true, c10::Half> >(SSMParamsBase)":
+        "scan",
+    "void causal_conv1d_fwd_kernel<Causal_conv1d_fwd_kernel_traits<128, 4, true, c10::Half> >(ConvParamsBase)": "scan",
+    "void at::native::batch_norm_collect_statistics_kernel<at::native::InvStd, float, float, float, int>(...)":
+        "normalization",
+    "void at::native::batch_norm_backward_elemt_kernel<float, float, float, int>(...)": "normalization",
+    "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>(int, float, ...)":
+        "normalization",
+    "void at::native::(anonymous namespace)::nll_loss2d_forward_kernel<float, long>(...)": "reduction",
+    "void cunn_SoftMaxForward<4, float, float, float, LogSoftMaxForwardEpilogue>(float*, float const*, int)":
+        "reduction",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t<float, "
+    "at::native::sum_functor<float, float, float>::operator()(at::TensorIterator&)::{lambda(float, float)#1}>, "
+    "unsigned int, float, 4, 4> >(...)": "reduction",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<3>, at::native::(anonymous namespace)::PointwiseOpScalarFunctor<float, 3, 2, 2>, "
+    "std::multiplies<float>, float>(...)": "optimizer",
+    "void at::native::upsample_trilinear3d_out_frame<c10::Half, float>(...)": "copy/layout",
+    # the CPU fallback's op names
+    "aten::convolution_backward": "convolution",
+    "aten::addmm": "matmul",
+    "aten::native_batch_norm": "normalization",
+    "_SelectiveScanBackward": "scan",
+    "Optimizer.step#SGD.step": "optimizer",
+    "aten::empty": "other",
+}
+
+
+def test_kernel_category_of_cuda_kernels_and_cpu_ops():
+    assert {kernel_category(name) for name in KERNELS} == set(CATEGORIES)
+    assert {category for category, _ in KERNEL_CATEGORIES} == set(CATEGORIES) - {"other"}
+    assert {name: kernel_category(name) for name in KERNELS} == KERNELS
+
+
+def test_compile_table_shows_errors_and_graph_breaks():
+    def result(trainer, compiled):
+        return Result(trainer, 1, 1, 30.0, None, 1, None, "n", compiled=compiled)
+
+    table = format_compiled([
+        result("A", {"step_ms": 20.0, "compile_s": 12.0, "peak_gib": 1.5, "graph_breaks": 2,
+                     "graph_break_reasons": ["Data-dependent branching"]}),
+        result("B", {"error": "BackendCompilerFailed: backend='inductor' raised: InvalidCxxCompiler: No working C++ "
+                              "compiler found"})]).splitlines()
+    assert table[2].split() == ["A", "20.0", "1.50", "1.50", "12.0", "2"]
+    assert table[3].startswith("B") and "error: BackendCompilerFailed" in table[3]
+    assert table[4] == "graph breaks of A: Data-dependent branching"
+
+
+def test_profile_and_compile_on_cpu(tmp_path, capsys):
+    output = tmp_path / "result.json"
+    plans = tiny_plans_file(tmp_path, patch=16, features=(4, 8))  # two stages: a short compilation
+    code = main(["benchmark", "--plans-file", str(plans), "-tr", "nnUNetTrainer", "--device", "cpu", "--amp", "fp32",
+                 "--warmup", "1", "--repeats", "1", "--in-channels", "1", "--num-classes", "2", "--profile",
+                 "--compile", "-o", str(output)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "nnUNetTrainer: " in out and "ms per step of CPU ops, self CPU time" in out
+    categories = out[out.index("category"):out.index("  top kernels")].splitlines()[1:]
+    assert [line.split()[0] for line in categories] == list(CATEGORIES)
+    lines = out.splitlines()
+    compiled_row = lines[next(i for i, line in enumerate(lines) if line.startswith("trainer (torch.compile)")) + 2]
+    [result] = json.loads(output.read_text())["results"]
+    profile, compiled = result["profile"], result["compiled"]
+    assert list(profile["categories"]) == list(CATEGORIES) and profile["categories"]["convolution"] > 0
+    assert profile["total_ms"] == pytest.approx(sum(profile["categories"].values()))
+    assert len(profile["top"]) == 8 and profile["top"][0]["ms_per_step"] >= profile["top"][-1]["ms_per_step"]
+    if "error" in compiled:  # no working C++ compiler for inductor, say
+        assert compiled_row == f"{'nnUNetTrainer':<34} error: {compiled['error']}"
+    else:
+        assert compiled["step_ms"] > 0 and compiled["compile_s"] > 0 and compiled["graph_breaks"] == 0
+        assert compiled_row.split()[:2] == ["nnUNetTrainer", f"{compiled['step_ms']:.1f}"]

@@ -5,6 +5,14 @@ configuration's patch and batch size: parameters, forward GFLOPs (convolutions a
 torch's FlopCounterMode counts them; the scan's elementwise work is not included), training-step time
 (forward, deep-supervised cross-entropy, backward, SGD step, under autocast), peak memory of that step,
 and inference time of one patch. Median over repeats after warm-up; GPU times with CUDA events.
+
+`--profile` adds, per network, where a training step's time goes: torch.profiler over a few steps after the
+timed ones, device time of the CUDA kernels (self CPU time of the ops on the CPU) per category (scan,
+convolution, matmul, normalization, copy/layout, elementwise, reduction, optimizer, other; `kernel_category`)
+and the top kernels, in ms per step. `--compile` adds the same training step with `torch.compile(network)`
+(default mode): compile time (the first step's wall time), step time after warm-up, peak memory and graph
+breaks (the Mamba scan's custom autograd Function may break the graph); a network that fails to compile gets
+the error in its row.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +44,34 @@ RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 """Encoder blocks per stage of nnU-Net's ResEnc presets (M, L and XL differ only in their memory target,
 hence patch and batch); one conv per decoder stage."""
 RESENC_ROW = "nnUNetTrainer (ResEnc)"
+
+PROFILE_STEPS = 3
+TOP_KERNELS = 8
+KERNEL_CATEGORIES = (
+    ("optimizer", ("multi_tensor_apply", "foreach", "optimizer.")),
+    ("normalization", ("batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm", "layernorm", "rmsnorm",
+                       "bn_fw", "bn_bw", "welford", "rowwisemoments", "gammabeta")),
+    ("scan", ("selective_scan", "selectivescan", "causal_conv1d")),
+    ("copy/layout", ("nchwtonhwc", "nhwctonchw")),  # cuDNN's layout conversions
+    ("convolution", ("convolution", "convolve", "conv1d", "conv2d", "conv3d", "conv_", "fprop", "dgrad", "wgrad",
+                     "implicit_gemm", "cudnn", "im2col", "vol2col", "col2vol")),
+    ("matmul", ("gemm", "gemv", "cutlass", "cublas", "matmul", "addmm", "bmm", "::mm", "::linear", "splitkreduce")),
+    ("copy/layout", ("copy", "contiguous", "clone", "permute", "transpose", "::cat", "concat", "index", "gather",
+                     "scatter", "flip", "memcpy", "memset", "upsample", "view", "as_strided", "reshape", "squeeze",
+                     "slice", "narrow", "select", "expand", "repeat")),
+    ("elementwise", ("elementwise", "triton_poi", "relu", "silu", "sigmoid", "gelu", "softplus", "tanh", "aten::add",
+                     "aten::sub", "aten::mul", "aten::div", "aten::exp", "aten::neg", "aten::fill", "aten::zero")),
+    ("reduction", ("reduce", "nll_loss", "softmax", "cross_entropy", "triton_red", "triton_per", "cumsum",
+                   "devicescan", "::sum", "::mean", "::amax")),
+    # mamba/triton_scan.py's kernels, last: ATen's kernels carry such names too (leaky_relu_backward_kernel)
+    ("scan", ("_forward_kernel", "_carry_kernel", "_backward_kernel")),
+)
+"""(category, lower-case substrings) of CUDA kernel and CPU op names; the first rule with a substring in the name
+wins, so the specific come before the generic (a copy done by an elementwise kernel is a copy, cuDNN's GEMMs and
+layout conversions are not matrix products, `causal_conv1d` is the scan's)."""
+CATEGORIES = ("scan", "convolution", "matmul", "normalization", "copy/layout", "elementwise", "reduction", "optimizer",
+              "other")
+"""KERNEL_CATEGORIES' categories and "other", in the order of the --profile tables."""
 
 
 def resenc_configuration(configuration):
@@ -66,6 +103,8 @@ class Result:
     inference_peak_gib: float | None
     network: str  # dotted class name
     volume_s: float | None = None  # nnU-Net's sliding-window prediction of --predict-volume
+    profile: dict | None = None  # --profile: summarize_profile's dict
+    compiled: dict | None = None  # --compile: compiled_training's dict
 
 
 def preset_plans(name: str, in_channels: int) -> dict:
@@ -91,6 +130,26 @@ def preset_plans(name: str, in_channels: int) -> dict:
             "original_median_spacing_after_transp": [1.0] * dim, "image_reader_writer": "NibabelIO",
             "transpose_forward": list(range(dim)), "transpose_backward": list(range(dim)),
             "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {}}
+
+
+def kernel_category(name: str) -> str:
+    """The category of a CUDA kernel's or a CPU op's name (`KERNEL_CATEGORIES`), "other" if none matches."""
+    lowered = name.lower()
+    return next((category for category, parts in KERNEL_CATEGORIES if any(p in lowered for p in parts)), "other")
+
+
+def short_name(name: str, width: int = 60) -> str:
+    """`name` without `void ` and ATen's namespaces, cut to `width` characters."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::"):
+        name = name.replace(noise, "")
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _timer(device):
@@ -131,37 +190,133 @@ def _peak(device, fn) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, in_channels: int, num_classes: int,
-                      device, amp: str, warmup: int, repeats: int) -> Result:
-    """Times one network; `network` has deep supervision on."""
+def summarize_profile(events: list[tuple[str, int, float]], steps: int, source: str) -> dict:
+    """Per-step milliseconds by category and the `TOP_KERNELS` longest of (name, calls, microseconds) over
+    `steps` steps."""
+    categories = dict.fromkeys(CATEGORIES, 0.0)
+    for name, _, us in events:
+        categories[kernel_category(name)] += us / 1000 / steps
+    top = sorted(events, key=lambda event: event[2], reverse=True)[:TOP_KERNELS]
+    return {"source": source, "steps": steps, "total_ms": sum(categories.values()), "categories": categories,
+            "top": [{"name": name, "category": kernel_category(name), "calls_per_step": calls / steps,
+                     "ms_per_step": us / 1000 / steps} for name, calls, us in top]}
+
+
+def _device_us(kernel) -> float:
+    """An averaged kernel's device microseconds (`cuda_time_total` in older torch)."""
+    us = getattr(kernel, "device_time_total", None)
+    return us if us is not None else kernel.cuda_time_total
+
+
+def _profiled_times(averages, on_cuda: bool) -> list[tuple[str, int, float]]:
+    """(name, calls, microseconds) of key_averages()' CUDA kernels (device time), or CPU ops (self CPU time)."""
+    from torch.autograd import DeviceType
+
+    if on_cuda:
+        times = [(e.key, e.count, _device_us(e)) for e in averages if e.device_type != DeviceType.CPU]
+    else:
+        times = [(e.key, e.count, e.self_cpu_time_total) for e in averages]
+    return [event for event in times if event[2] > 0]
+
+
+def profile_training(train_step: Callable[[], None], device, steps: int = PROFILE_STEPS) -> dict:
+    """torch.profiler over `steps` training steps after one more warm-up: summarize_profile of the CUDA kernels'
+    device time, on the CPU of the ops' self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    train_step()
+    _synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            train_step()
+        _synchronize(device)
+    source = "CUDA kernels, device time" if on_cuda else "CPU ops, self CPU time"
+    return summarize_profile(_profiled_times(profiler.key_averages(), on_cuda), steps, source)
+
+
+def _one_line(error: Exception, width: int = 200) -> str:
+    """The error's type and first message line (with the next one if the first ends in a colon)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = " ".join(lines[:2] if len(lines) > 1 and lines[0].endswith(":") else lines[:1])
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def compiled_training(make_step: Callable, network, device, warmup: int, repeats: int) -> dict:
+    """`make_step`'s training step of `torch.compile(network)` (default mode): compile time (the first step's
+    wall seconds), median step ms after warm-up, peak GiB, graph breaks and their reasons; {"error": line} if
+    compiling or running fails."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters["graph_break"].clear()
+    try:
+        step = make_step(torch.compile(network))
+        begin = time.perf_counter()
+        step()
+        _synchronize(device)
+        compile_s = time.perf_counter() - begin
+        step_ms = _timer(device)(step, warmup, repeats)
+        peak = _peak(device, step)
+    except Exception as error:  # any failure of dynamo, inductor or the compiled code becomes the row's error
+        return {"error": _one_line(error)}
+    finally:
+        torch._dynamo.reset()  # frees the compiled code before the next network
+    reasons = counters["graph_break"]
+    return {"step_ms": step_ms, "compile_s": compile_s, "peak_gib": peak, "graph_breaks": sum(reasons.values()),
+            "graph_break_reasons": sorted({reason.splitlines()[0] for reason in reasons})}
+
+
+def _autocast(device, dtype):
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def training_step(network, x, targets: list, device, dtype) -> Callable[[], None]:
+    """One training step of `network` on `x`: forward, deep-supervised cross-entropy, backward, SGD step, under
+    autocast to `dtype` (None: fp32) with a GradScaler for float16."""
     import torch
     import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
 
-    network = network.to(device)
-    dtype = getattr(torch, AMP[amp]) if AMP[amp] else None
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch_size, in_channels, *patch_size, device=device, generator=generator)
-    with torch.no_grad():
-        shapes = [o.shape for o in network(x[:1])]
-    targets = [torch.randint(0, num_classes, (batch_size, *s[2:]), device=device, generator=generator) for s in shapes]
     weights = [1 / 2**i for i in range(len(targets))]
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
+        with _autocast(device, dtype):
             outputs = network(x)
             loss = sum(w * F.cross_entropy(o.float(), t) for w, o, t in zip(weights, outputs, targets)) / sum(weights)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
+    return train_step
+
+
+def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, in_channels: int, num_classes: int,
+                      device, amp: str, warmup: int, repeats: int, *, profile: bool = False,
+                      compiled: bool = False) -> Result:
+    """Times one network; `network` has deep supervision on. `profile`: also profile_training; `compiled`: also
+    compiled_training."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    network = network.to(device)
+    dtype = getattr(torch, AMP[amp]) if AMP[amp] else None
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch_size, in_channels, *patch_size, device=device, generator=generator)
+    with torch.no_grad():
+        shapes = [o.shape for o in network(x[:1])]
+    targets = [torch.randint(0, num_classes, (batch_size, *s[2:]), device=device, generator=generator) for s in shapes]
+
+    def make_step(net):
+        return training_step(net, x, targets, device, dtype)
+
+    train_step = make_step(network)
     median_ms = _timer(device)
     network.train()
     train_peak = _peak(device, train_step)
@@ -172,7 +327,7 @@ def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, i
     single = x[:1]
 
     def infer():
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), _autocast(device, dtype):
             network(single)
 
     inference_peak = _peak(device, infer)
@@ -181,8 +336,14 @@ def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, i
         network(single.float())
     network.decoder.deep_supervision = True
     params = sum(p.numel() for p in network.parameters())
-    return Result(trainer_name, params / 1e6, counter.get_total_flops() / 1e9, train_ms, train_peak, inference_ms,
-                  inference_peak, f"{type(network).__module__}.{type(network).__qualname__}")
+    result = Result(trainer_name, params / 1e6, counter.get_total_flops() / 1e9, train_ms, train_peak, inference_ms,
+                    inference_peak, f"{type(network).__module__}.{type(network).__qualname__}")
+    network.train()
+    if profile:
+        result.profile = profile_training(train_step, device)
+    if compiled:
+        result.compiled = compiled_training(make_step, network, device, warmup, repeats)
+    return result
 
 
 def predict_volume_seconds(network, plans_manager, configuration, num_classes: int, shape: list[int],
@@ -267,6 +428,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--profile", action="store_true", help=f"also profile {PROFILE_STEPS} training steps of each "
+                        "network with torch.profiler: time per kernel category (scan, convolution, matmul, ...) and "
+                        f"the top {TOP_KERNELS} kernels, in ms per step (CUDA kernels' device time; on the CPU the "
+                        "ops' self CPU time)")
+    parser.add_argument("--compile", action="store_true", help="also time the training step with "
+                        "torch.compile(network) (default mode): step time and speed-up over eager, compile time (the "
+                        "first step), peak memory, graph breaks; a network that fails to compile shows the error")
     parser.add_argument("-o", "--output", help="write the results as JSON here")
 
 
@@ -284,6 +452,40 @@ def format_table(results: list[Result], reference: Result) -> str:
                      f"{ratio(r.train_peak_gib, reference.train_peak_gib)} {r.inference_ms:9.1f} "
                      f"{ratio(r.inference_ms, reference.inference_ms)}"
                      + (f" {r.volume_s:9.2f} {ratio(r.volume_s, reference.volume_s)}" if volumes else ""))
+    return "\n".join(lines)
+
+
+def format_profile(result: Result) -> str:
+    """`result.profile` as a table of categories (ms per step, % of the profiled total) and the top kernels."""
+    profile = result.profile
+    total = profile["total_ms"]
+    lines = [f"{result.trainer}: {total:.1f} ms per step of {profile['source']} (timed step {result.train_step_ms:.1f} "
+             f"ms), {profile['steps']} steps profiled",
+             f"  {'category':<14} {'ms/step':>9} {'%':>6}"]
+    lines += [f"  {category:<14} {ms:9.2f} {100 * ms / total if total else 0:6.1f}"
+              for category, ms in profile["categories"].items()]
+    lines.append(f"  {'top kernels':<60} {'category':<14} {'calls/step':>10} {'ms/step':>9}")
+    lines += [f"  {short_name(k['name']):<60} {k['category']:<14} {k['calls_per_step']:10.1f} {k['ms_per_step']:9.2f}"
+              for k in profile["top"]]
+    return "\n".join(lines)
+
+
+def format_compiled(results: list[Result]) -> str:
+    """The --compile table (compiled step ms, speed-up over eager, peak, compile seconds and graph breaks, or the
+    error), then the graph breaks' reasons."""
+    header = (f"{'trainer (torch.compile)':<34} {'step ms':>9} {'speed-up':>9} {'peak GiB':>9} {'compile s':>10} "
+              f"{'graph breaks':>13}")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        c = r.compiled
+        if "error" in c:
+            lines.append(f"{r.trainer:<34} error: {c['error']}")
+            continue
+        peak = f"{c['peak_gib']:9.2f}" if c["peak_gib"] is not None else f"{'-':>9}"
+        lines.append(f"{r.trainer:<34} {c['step_ms']:9.1f} {r.train_step_ms / c['step_ms']:9.2f} {peak} "
+                     f"{c['compile_s']:10.1f} {c['graph_breaks']:13d}")
+    lines += [f"graph breaks of {r.trainer}: {'; '.join(r.compiled['graph_break_reasons'])}"
+              for r in results if r.compiled.get("graph_break_reasons")]
     return "\n".join(lines)
 
 
@@ -327,7 +529,8 @@ def main(args: argparse.Namespace) -> int:
         network = trainer.build_network_architecture(manager, row_configuration, in_channels, num_classes, True)
         print(f"  {name} ...", flush=True)
         results.append(benchmark_network(name, network, configuration.patch_size, batch_size, in_channels,
-                                         num_classes, device, args.amp, args.warmup, args.repeats))
+                                         num_classes, device, args.amp, args.warmup, args.repeats,
+                                         profile=args.profile, compiled=args.compile))
         if args.predict_volume:
             network.decoder.deep_supervision = False
             results[-1].volume_s = predict_volume_seconds(network, manager, row_configuration, num_classes,
@@ -339,6 +542,14 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(results, results[0]))
     print(f"(ratios relative to {results[0].trainer}; GFLOP: convolutions and matrix products of one forward, "
           f"batch 1; medians of {args.repeats} after {args.warmup} warm-up)")
+    if args.profile:
+        for result in results:
+            print()
+            print(format_profile(result))
+    if args.compile:
+        print()
+        print(format_compiled(results))
+        print("(speed-up: eager step ms / compiled step ms; compile s: wall time of the first compiled step)")
     if args.output:
         payload = {"configuration": configuration_name, "patch_size": configuration.patch_size,
                    "batch_size": batch_size, "in_channels": in_channels, "num_classes": num_classes,
