@@ -199,7 +199,8 @@ def _resolve(choice: str, device_type: str, device_index: int | None) -> ScanOps
             warnings.warn(f"nnunet-segmamba: {'; '.join(reasons)}; using the exact PyTorch scan instead, which is "
                           f"several times slower and needs more memory. Fix: {hints}.", stacklevel=3)
             ops = TORCH_OPS
-    logger.info("Mamba scan backend on %s: %s (%s)", device_type, ops.name, ops.description)
+    if not torch.compiler.is_compiling():
+        logger.info("Mamba scan backend on %s: %s (%s)", device_type, ops.name, ops.description)
     return ops
 
 
