@@ -80,7 +80,9 @@ MAX_BLOCK_D = 16
 MAX_TILE = 512
 """Most elements of one (BLOCK_D, BLOCK_N, CHUNK) fp32 tile: one channel per program at d_state 16. Measured on
 an H200 (BENCHMARKS.md, `.ci/gpu sweep-triton`): small programs of one warp are 1.5-3x faster than tiles of 4096
-elements over 8 warps (the scans along the token axis then stay inside a warp)."""
+elements over 8 warps (the scans along the token axis then stay inside a warp). The cost is memory: the
+backward's dB and dC partial sums hold one (N, L) fp32 slice per channel block, so 8x more than with 8-channel
+blocks (3.3 GiB more for SegMamba at a 128^3 plan; see BENCHMARKS.md)."""
 
 NUM_WARPS = 1
 """Warps per program: a 512-element tile is 16 fp32 registers per thread."""
