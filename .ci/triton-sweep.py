@@ -9,24 +9,30 @@ import torch
 from nnunet_segmamba.mamba import triton_scan
 from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
 
-SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK); PROGRAMS_PER_SM 0: one segment (no split)
+SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK); PROGRAMS_PER_SM 0: one segment (no split).
+    # Edit to try others: the settings of the 2026-12-02 sweeps are in BENCHMARKS.md.
     (8, 1, 512, 32), (0, 1, 512, 32), (32, 1, 512, 32),
 ]
 NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "MAX_TILE", "CHUNK")
 
 device = torch.device("cuda")
 scans = gpu_scans(device)
+FEW_CHANNELS = [(32, (32, 32, 32))]  # at batch 1: 192 one-channel programs, where segments pay
 baseline = {(r["d_model"], r["dtype"]): r["ms"] for r in scan_bandwidth({"cuda": scans["cuda"]}, device, 2, 3, 10)}
+few_baseline = scan_bandwidth({"cuda": scans["cuda"]}, device, 1, 3, 10, stages=FEW_CHANNELS)
 
 
 def errors(length=32768, dim=768, groups=3, d_state=16):
     """Relative error of out and of all gradients, triton vs cuda, fp32, at the largest stage."""
     g = torch.Generator(device=device).manual_seed(0)
-    leaves = [torch.randn(2, dim, length, device=device, generator=g), 0.1 * torch.randn(2, dim, length, device=device, generator=g),
-              -torch.rand(dim, d_state, device=device, generator=g) - 0.5,
-              torch.randn(2, groups, d_state, length, device=device, generator=g),
-              torch.randn(2, groups, d_state, length, device=device, generator=g), torch.ones(dim, device=device),
-              torch.randn(2, dim, length, device=device, generator=g), torch.zeros(dim, device=device)]
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=g)
+
+    A = -torch.rand(dim, d_state, device=device, generator=g) - 0.5
+    B, C = randn(2, groups, d_state, length), randn(2, groups, d_state, length)
+    leaves = [randn(2, dim, length), 0.1 * randn(2, dim, length), A, B, C, torch.ones(dim, device=device),
+              randn(2, dim, length), torch.zeros(dim, device=device)]
     results = []
     for scan in (scans["cuda"], triton_scan.triton_selective_scan):
         inputs = [t.clone().requires_grad_() for t in leaves]
@@ -46,12 +52,12 @@ for setting in SETTINGS:
     except Exception as e:  # a setting that does not compile or run: report and go on
         print(f"{label:<34} failed: {str(e).splitlines()[0][:120]}")
         continue
-    few_channels = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 1, 3, 10,
-                                  stages=[(32, (32, 32, 32))])  # batch 1, d_model 32: 192 programs
-    few_baseline = scan_bandwidth({"cuda": scans["cuda"]}, device, 1, 3, 10, stages=[(32, (32, 32, 32))])
+    few_channels = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 1, 3, 10, stages=FEW_CHANNELS)
     for r, base in zip(few_channels, few_baseline):
-        print(f"{label:<34} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} {r['ms'] / base['ms']:10.2f}x")
+        print(f"{label:<34} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
+              f"{r['ms'] / base['ms']:10.2f}x")
     for r in rows:
         cuda_ms = baseline[(r["d_model"], r["dtype"])]
-        print(f"{label:<34} {r['d_model']:>7} {r['dtype']:>8} | {r['ms']:9.2f} {cuda_ms:8.2f} {r['ms'] / cuda_ms:10.2f}x")
+        print(f"{label:<34} {r['d_model']:>7} {r['dtype']:>8} | {r['ms']:9.2f} {cuda_ms:8.2f} "
+              f"{r['ms'] / cuda_ms:10.2f}x")
     print(f"{label:<34} max relative error vs cuda (out, all grads, fp32, 32^3 tokens): {error:.1e}")
