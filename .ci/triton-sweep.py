@@ -9,16 +9,16 @@ import torch
 from nnunet_segmamba.mamba import triton_scan
 from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
 
-SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK); PROGRAMS_PER_SM 0: one segment (no split).
-    # Edit to try others: the settings of the 2026-12-02 sweeps are in BENCHMARKS.md.
-    (8, 1, 512, 32), (0, 1, 512, 32), (32, 1, 512, 32),
+SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK, PARTIAL_SUMS); PROGRAMS_PER_SM 0: one segment (no
+    # split); PARTIAL_SUMS 1024: a slice per channel block. Edit to try others: earlier sweeps are in BENCHMARKS.md.
+    (8, 1, 512, 32, 1), (8, 1, 512, 32, 4), (8, 1, 512, 32, 1024),
 ]
-NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "MAX_TILE", "CHUNK")
+NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "MAX_TILE", "CHUNK", "PARTIAL_SUMS")
 
 device = torch.device("cuda")
 scans = gpu_scans(device)
 FEW_CHANNELS = [(32, (32, 32, 32))]  # at batch 1: 192 one-channel programs, where segments pay
-baseline = {(r["d_model"], r["dtype"]): r["ms"] for r in scan_bandwidth({"cuda": scans["cuda"]}, device, 2, 3, 10)}
+baseline = {(r["d_model"], r["dtype"]): r for r in scan_bandwidth({"cuda": scans["cuda"]}, device, 2, 3, 10)}
 few_baseline = scan_bandwidth({"cuda": scans["cuda"]}, device, 1, 3, 10, stages=FEW_CHANNELS)
 
 
@@ -41,7 +41,8 @@ def errors(length=32768, dim=768, groups=3, d_state=16):
     return max(_relative(a, b) for a, b in zip(results[1], results[0]))
 
 
-print(f"{'setting':<34} {'d_model':>7} {'dtype':>8} | {'triton ms':>9} {'cuda ms':>8} {'triton/cuda':>11}")
+print(f"{'setting':<42} {'d_model':>7} {'dtype':>8} | {'triton ms':>9} {'cuda ms':>8} {'triton/cuda':>11} "
+      f"{'triton MiB':>10} {'cuda MiB':>8}")
 for setting in SETTINGS:
     for name, value in zip(NAMES, setting):
         setattr(triton_scan, name, value)
@@ -54,10 +55,10 @@ for setting in SETTINGS:
         continue
     few_channels = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 1, 3, 10, stages=FEW_CHANNELS)
     for r, base in zip(few_channels, few_baseline):
-        print(f"{label:<34} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
-              f"{r['ms'] / base['ms']:10.2f}x")
+        print(f"{label:<42} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
+              f"{r['ms'] / base['ms']:10.2f}x {r['extra_mib']:10.0f} {base['extra_mib']:8.0f}")
     for r in rows:
-        cuda_ms = baseline[(r["d_model"], r["dtype"])]
-        print(f"{label:<34} {r['d_model']:>7} {r['dtype']:>8} | {r['ms']:9.2f} {cuda_ms:8.2f} "
-              f"{r['ms'] / cuda_ms:10.2f}x")
-    print(f"{label:<34} max relative error vs cuda (out, all grads, fp32, 32^3 tokens): {error:.1e}")
+        base = baseline[(r["d_model"], r["dtype"])]
+        print(f"{label:<42} {r['d_model']:>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
+              f"{r['ms'] / base['ms']:10.2f}x {r['extra_mib']:10.0f} {base['extra_mib']:8.0f}")
+    print(f"{label:<42} max relative error vs cuda (out, all grads, fp32, 32^3 tokens): {error:.1e}")

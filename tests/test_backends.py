@@ -2,19 +2,22 @@
 
 import pytest
 import torch
+import torch._dynamo
 
-from nnunet_segmamba.mamba import BACKEND_ENV, Mamba, backends, describe_backend, scan_ops
+from nnunet_segmamba.mamba import BACKEND_ENV, Mamba, backends, describe_backend, scan_ops, use_backend
+from tests.dynamo import graph_breaks
 
 
 @pytest.fixture(autouse=True)
 def fresh_resolution(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    backends._resolve.cache_clear()
+    backends._CHOSEN.clear()
     yield
-    backends._resolve.cache_clear()
+    backends._CHOSEN.clear()
 
 
 CPU = torch.device("cpu")
+GPU = torch.device("cuda", 0)  # a device object only: scan_ops with GPU_OPS patched runs no CUDA call
 
 
 def test_auto_on_cpu_is_the_exact_torch_scan():
@@ -52,8 +55,8 @@ def test_failed_kernel_import_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setitem(backends.GPU_OPS, "cuda", lambda index: (None, "mamba-ssm could not be imported (test)"))
     monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (None, "Triton could not be imported (test)"))
     with pytest.warns(UserWarning, match="mamba-ssm could not .* Triton could not .* using the exact PyTorch") as caught:
-        assert backends._resolve("auto", "cuda", 0).name == "torch"
-        assert backends._resolve("auto", "cuda", 0).name == "torch"
+        assert scan_ops(GPU).name == "torch"
+        assert scan_ops(GPU).name == "torch"
     assert len(caught) == 1
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation mamba-ssm"):
         backends._resolve("cuda", "cuda", 0)
@@ -64,7 +67,7 @@ def test_auto_without_mamba_ssm_takes_the_triton_scan(monkeypatch, recwarn):
     triton = backends.ScanOps("triton", "test", backends.conv1d_silu_torch, backends.torch_selective_scan)
     monkeypatch.setitem(backends.GPU_OPS, "cuda", lambda index: (None, "mamba-ssm could not be imported (test)"))
     monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (triton, ""))
-    assert backends._resolve("auto", "cuda", 0) is triton
+    assert scan_ops(GPU) is triton
     assert not recwarn.list
 
 
@@ -82,3 +85,36 @@ def test_triton_is_a_gpu_backend_with_its_own_fix(monkeypatch):
     monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (None, "Triton could not be imported (test)"))
     with pytest.raises(RuntimeError, match="Triton could not be imported .*torch build that ships Triton"):
         backends._resolve("triton", "cuda", 0)
+
+
+def test_compiled_layers_read_the_choice_made_before_compiling(monkeypatch):
+    """torch.compile traces the backend lookup: once made (our trainers log it before the first step), the
+    choice is a dict read, without the imports and GPU self-test that break the graph (on a GPU machine without
+    mamba-ssm: one 'Import failure' break per Mamba layer)."""
+    def resolve_with_a_break(*key):
+        torch._dynamo.graph_break()
+        return backends.TORCH_OPS
+
+    monkeypatch.setattr(backends, "_resolve", resolve_with_a_break)
+    layer, tokens = Mamba(8), torch.randn(1, 5, 8)
+    assert graph_breaks(layer, tokens)  # the lookup inside the graph: breaks
+    scan_ops(CPU)
+    assert graph_breaks(layer, tokens) == []
+
+
+def test_compiled_networks_take_the_triton_scan_unless_one_was_asked_for(monkeypatch):
+    """Under torch.compile `auto` means Triton (its kernels compile into the graph), where it runs; a backend
+    named in NNUNET_SEGMAMBA_SCAN stays; use_backend reaches the layers through torch.compile's wrapper."""
+    triton = backends.ScanOps("triton", "test", backends.conv1d_silu_torch, backends.torch_selective_scan)
+    monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (triton, ""))
+    assert backends.backend_for_compile(GPU) == "triton"
+    assert backends.backend_for_compile(CPU) is None
+    monkeypatch.setenv(BACKEND_ENV, "cuda")
+    assert backends.backend_for_compile(GPU) is None
+    monkeypatch.delenv(BACKEND_ENV)
+    monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (None, "Triton could not be imported (test)"))
+    assert backends.backend_for_compile(GPU) is None
+
+    network = torch.compile(torch.nn.Sequential(Mamba(8), torch.nn.Sequential(Mamba(8))))
+    use_backend(network, "triton")
+    assert [m.backend for m in network.modules() if isinstance(m, Mamba)] == ["triton", "triton"]

@@ -157,6 +157,27 @@ def test_a_diverged_run_stops_with_advice(make_trainer):
         trainer._stop_if_diverged(np.array(np.nan))
 
 
+def test_nnunet_compile_sets_the_compiled_backend_on_every_layer(make_trainer, monkeypatch, tmp_path):
+    """With nnUNet_compile (nnU-Net wraps the network in torch.compile) our trainer sets the scan backend that
+    compiles into the graph (Triton on a GPU; here a stand-in, as nnU-Net compiles only on CUDA) on every Mamba
+    layer and logs it."""
+    from nnunet_segmamba.mamba import Mamba
+    from nnunet_segmamba.training import base
+
+    trainer = make_trainer()
+    data = tmp_path / "nnUNet_preprocessed" / "Dataset999_Robust" / trainer.configuration_manager.data_identifier
+    data.mkdir(parents=True)
+    (data / "case.b2nd").touch()  # the dataset format nnU-Net's initialize looks for; nothing is read
+    monkeypatch.setattr(trainer, "_do_i_compile", lambda: True)
+    monkeypatch.setattr(base, "backend_for_compile", lambda device: "torch")
+    trainer.initialize()
+    layers = [m for m in trainer.network.modules() if isinstance(m, Mamba)]
+    assert type(trainer.network).__name__ == "OptimizedModule" and layers
+    assert all(layer.backend == "torch" for layer in layers)
+    with open(trainer.log_file) as log:
+        assert "requested: torch" in log.read()
+
+
 def test_an_interrupted_checkpoint_write_keeps_the_previous_checkpoint(make_trainer, monkeypatch, tmp_path):
     trainer = make_trainer()
     trainer.network = torch.nn.Linear(2, 2)

@@ -15,6 +15,7 @@ from nnunet_segmamba.training import base
 from nnunet_segmamba.training.segmamba import nnUNetTrainerSegMambaV2, nnUNetTrainerSegMambaV2_250epochs
 from nnunet_segmamba.training.variants import trainer_variant, write_variants_module
 from tests import nnunet_plans
+from tests.dynamo import graph_breaks
 
 
 def test_build_network_architecture_has_the_27_signature():
@@ -58,8 +59,6 @@ def test_amp_and_compile_decisions(monkeypatch):
 def test_networks_trace_for_torch_compile_without_graph_breaks(network_class):
     """`nnUNet_compile=1` compiles the whole network; with the PyTorch scan nothing in our code breaks the graph
     (on the GPU, mamba-ssm's kernels are calls dynamo cannot trace: the breaks are there only)."""
-    import torch._dynamo
-
     from nnunet_segmamba.networks import mambaclinix, segmamba
     from nnunet_segmamba.networks.plans import build_network
 
@@ -67,8 +66,7 @@ def test_networks_trace_for_torch_compile_without_graph_breaks(network_class):
     configuration = nnunet_plans.configuration([32] * 3, [[1, 1, 1]] + [[2, 2, 2]] * 3, [[3, 3, 3]] * 4,
                                                [4, 8, 16, 16], batch_size=1)
     network = build_network(network_class, configuration, 1, 2, True)
-    explanation = torch._dynamo.explain(network)(torch.randn(1, 1, 32, 32, 32))
-    assert explanation.graph_break_count == 0, [b.reason.splitlines()[0] for b in explanation.break_reasons]
+    assert graph_breaks(network, torch.randn(1, 1, 32, 32, 32)) == []
 
 
 def test_variant_sets_attributes_after_nnunets_init_and_pickles():

@@ -84,6 +84,21 @@ def test_several_channel_blocks_and_chunks(monkeypatch):
     compare(random_inputs(1, 12, 4, 9, 2), False, FP32)  # one partial chunk
 
 
+@pytest.mark.parametrize("partial_sums", [1, 4, 64])
+def test_channel_blocks_add_db_dc_into_shared_slices(monkeypatch, partial_sums):
+    """dB and dC of 6 one-channel blocks per group added atomically into 1 slice, 4 slices (blocks 0 and 4, 1
+    and 5 share one) or one slice each; in parallel segments too."""
+    monkeypatch.setattr(triton_scan, "MAX_BLOCK_D", 1)
+    monkeypatch.setattr(triton_scan, "PARTIAL_SUMS", partial_sums)
+    monkeypatch.setattr(triton_scan, "CHUNK", 16)
+    monkeypatch.setattr(triton_scan, "MIN_SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(triton_scan, "PROGRAMS_PER_SM", 64)
+    tensors = random_inputs(2, 12, 4, 70, 2)
+    grid, _ = triton_scan._launch_config(*(tensors[i].detach() for i in (0, 2, 3)))
+    assert grid[1] == 6 and grid[2] > 1
+    compare(tensors, True, FP32)
+
+
 @pytest.mark.parametrize("groups,options", [(1, True), (2, False)])
 def test_segments_scanned_in_parallel(monkeypatch, groups, options):
     """Sequences split into segments (summary pass, carry between segments, full pass; forward and
@@ -127,7 +142,7 @@ for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
     for summary in (True, False):
         for flags in (True, False):
             build(kernel, dict(SUMMARY=summary, HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags,
-                                 **blocks), sizes)
+                                 **blocks), {*sizes, "n_partials"})
 for reverse in (True, False):
     build(triton_scan._carry_kernel, dict(REVERSE=reverse, BLOCK_D=blocks["BLOCK_D"], BLOCK_N=blocks["BLOCK_N"]),
             {"dim", "d_state", "n_segments"})

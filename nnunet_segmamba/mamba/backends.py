@@ -8,7 +8,8 @@ The choice, in order: the layer's ``backend`` argument, the environment variable
 ``NNUNET_SEGMAMBA_SCAN`` (``auto``, ``cuda``, ``triton`` or ``torch``), then ``auto``: for CUDA tensors the first
 of AUTO_PREFERENCE whose kernels import and run on the GPU, else ``torch``. A forced ``cuda`` that cannot run
 is an error; an automatic fall-back is a warning, once. mamba-ssm is imported on first use only: its
-import fails on machines without CUDA.
+import fails on machines without CUDA. Under torch.compile our trainers take ``triton`` for ``auto``
+(`backend_for_compile`): its kernels compile into the graph.
 """
 
 from __future__ import annotations
@@ -170,12 +171,26 @@ def requested_backend(backend: str | None = None) -> str:
     return choice
 
 
+_CHOSEN: dict[tuple[str, str, int | None], ScanOps] = {}
+"""Kernels chosen so far, by (choice, device type, device index). A plain dict rather than functools.cache:
+torch.compile traces through functools caches, and the choice's imports and GPU self-test break the graph
+(one break per Mamba layer, 'Import failure' without mamba-ssm). Looked up once before compiling (our trainers
+log it in `initialize`), the choice is a dict read in the graph."""
+
+
 def scan_ops(device: torch.device, backend: str | None = None) -> ScanOps:
     """The kernels a Mamba layer uses for tensors on `device` (see the module docstring)."""
-    return _resolve(requested_backend(backend), device.type, device.index)
+    key = (requested_backend(backend), device.type, _index(device))
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _resolve(*key)
+    return _CHOSEN[key]
 
 
-@functools.cache
+def _index(device: torch.device) -> int | None:
+    """The device's index; for 'cuda' without one, the current GPU's."""
+    return torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+
+
 def _resolve(choice: str, device_type: str, device_index: int | None) -> ScanOps:
     if choice == "torch":
         ops = TORCH_OPS
@@ -185,10 +200,9 @@ def _resolve(choice: str, device_type: str, device_index: int | None) -> ScanOps
                                f"Run on a CUDA device, or use backend 'torch' / 'auto'.")
         ops = TORCH_OPS
     else:
-        index = torch.cuda.current_device() if device_index is None else device_index
         reasons = []
         for kernels in AUTO_PREFERENCE if choice == "auto" else (choice,):
-            ops, reason = GPU_OPS[kernels](index)
+            ops, reason = GPU_OPS[kernels](device_index)
             if ops is not None:
                 break
             reasons.append(reason)
@@ -202,6 +216,22 @@ def _resolve(choice: str, device_type: str, device_index: int | None) -> ScanOps
     if not torch.compiler.is_compiling():
         logger.info("Mamba scan backend on %s: %s (%s)", device_type, ops.name, ops.description)
     return ops
+
+
+COMPILED_BACKEND = "triton"
+"""What `auto` means for a network under torch.compile: Triton kernels compile into the graph, while mamba-ssm's
+are calls that dynamo cannot trace (a graph break at every scan). H200, 128^3 plan, batch 2 (BENCHMARKS.md):
+compiled with the Triton scan a training step of SegMamba-V2 / SegMamba / MambaClinix takes 74.6 / 110.9 /
+116.4 ms, no graph breaks, against 112 / 126 / 194 ms eager with mamba-ssm's kernels; compiling SegMamba and
+MambaClinix with mamba-ssm's kernels had not finished after 580 s."""
+
+
+def backend_for_compile(device: torch.device) -> str | None:
+    """COMPILED_BACKEND if nothing else was asked for (`auto`) and it runs on the CUDA `device`, else None."""
+    if device.type != "cuda" or requested_backend() != "auto":
+        return None
+    ops, _ = GPU_OPS[COMPILED_BACKEND](_index(device))
+    return COMPILED_BACKEND if ops is not None else None
 
 
 def describe_backend(device: torch.device, backend: str | None = None) -> str:

@@ -98,5 +98,12 @@ class Mamba(nn.Module):
         return f"d_model={self.d_model}, d_state={self.d_state}, expand={self.d_inner // self.d_model}, orders=[{orders}]"
 
 
+def use_backend(module: nn.Module, backend: str | None) -> None:
+    """Set the scan backend of every Mamba layer in `module` (None: the environment's choice, see `backends`)."""
+    for layer in module.modules():
+        if isinstance(layer, Mamba):
+            layer.backend = None if backend is None else requested_backend(backend)
+
+
 def _cat(tensors: list[Tensor]) -> Tensor:
     return tensors[0].contiguous() if len(tensors) == 1 else torch.cat(tensors, dim=1)

@@ -54,8 +54,12 @@ reverse come first, as in the forward. Then per token
     dA = sum_{b,t} g_t delta_t     dB_t = sum_{d in group} dh_t delta_t u_t     dC_t = sum_{d in group} h_t dy_t
     dD = sum_{b,t} dy_t u_t        d(delta_bias) = sum_{b,t} ddelta_t
 
-Gradients shared across programs are reduced without atomics: dA, dD and d(delta_bias) per (b, segment, d) and dB,
-dC per channel block are written as fp32 partial sums and summed in PyTorch, so results are deterministic.
+Gradients shared across programs: dA, dD and d(delta_bias) are written per (b, segment, d) as fp32 partial sums and
+summed in PyTorch (deterministic). dB and dC are sums over the channels of a group, each program's share an (N,
+CHUNK) tile per chunk: those are added atomically into PARTIAL_SUMS fp32 (N, L) slices per group (channel block k
+into slice k mod PARTIAL_SUMS), summed in PyTorch. Fewer slices need less memory; the order of the atomic adds
+varies, so dB and dC vary in the last bits from run to run, as mamba-ssm's do (deterministic when PARTIAL_SUMS is at
+least the number of channel blocks).
 All arithmetic is fp32; inputs may be fp32, bf16 or fp16 and every output or gradient has its input's dtype.
 
 On a machine without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1 set before
@@ -80,9 +84,12 @@ MAX_BLOCK_D = 16
 MAX_TILE = 512
 """Most elements of one (BLOCK_D, BLOCK_N, CHUNK) fp32 tile: one channel per program at d_state 16. Measured on
 an H200 (BENCHMARKS.md, `.ci/gpu sweep-triton`): small programs of one warp are 1.5-3x faster than tiles of 4096
-elements over 8 warps (the scans along the token axis then stay inside a warp). The cost is memory: the
-backward's dB and dC partial sums hold one (N, L) fp32 slice per channel block, so 8x more than with 8-channel
-blocks (3.3 GiB more for SegMamba at a 128^3 plan; see BENCHMARKS.md)."""
+elements over 8 warps (the scans along the token axis then stay inside a warp)."""
+
+PARTIAL_SUMS = 1
+"""(N, L) fp32 slices per group into which the backward adds dB and dC (see the module docstring): dB and dC
+take (batch, groups, PARTIAL_SUMS, N, L) fp32 each while the backward runs. One slice per one-channel block (the
+deterministic store this replaced) was 3.2 GB each for a d_model-128 tri-orientated layer at 32^3 tokens, batch 2."""
 
 NUM_WARPS = 1
 """Warps per program: a 512-element tile is 16 fp32 registers per thread."""
@@ -150,6 +157,12 @@ def _load_tile(ptr, rows, row_mask, tokens, valid):
 def _store_tile(ptr, rows, row_mask, tokens, valid, value):
     """Store value (R, T) at rows (R,) and tokens (T,) where row_mask and valid hold."""
     tl.store(ptr + rows[:, None] + tokens[None, :], value, mask=row_mask[:, None] & valid[None, :])
+
+
+@triton.jit
+def _add_tile(ptr, rows, row_mask, tokens, valid, value):
+    """Add value (R, T) atomically at rows (R,) and tokens (T,) where row_mask and valid hold."""
+    tl.atomic_add(ptr + rows[:, None] + tokens[None, :], value, mask=row_mask[:, None] & valid[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -272,20 +285,20 @@ def _carry_kernel(
 def _backward_kernel(
     u, delta, A, B, C, D, z, bias, dout, starts, seg_carry,
     du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, dbias_part,
-    dim, groups, per_group, length, d_state, n_chunks, seg_chunks,
+    dim, groups, per_group, length, d_state, n_chunks, seg_chunks, n_partials,
     SUMMARY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One channel block over one segment of chunks, last chunk first. SUMMARY: the adjoint carry the segment
     passes to earlier tokens from a zero carry, into seg_carry (batch, dim, n_segments, N). Otherwise, from
     the carry in seg_carry: du, ddelta, dz (batch, dim, L); partial sums dA (batch, n_segments, dim, N), dD and
-    dbias (batch, n_segments, dim), and dB, dC (batch, groups, n_blocks, N, L)."""
+    dbias (batch, n_segments, dim); dB, dC added into (batch, groups, n_partials, N, L)."""
     b, g, block, d, n, d_mask, n_mask, dn_mask, A_tile, D_vec, bias_vec = _program_tiles(
         A, D, bias, dim, groups, per_group, d_state, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     seg, first, last = _segment(n_chunks, seg_chunks)
     rows = (b * dim + d).to(tl.int64) * length
     bc_rows = ((b * groups + g) * d_state + n).to(tl.int64) * length
-    part_rows = (((b * groups + g) * tl.num_programs(1) + block) * d_state + n).to(tl.int64) * length
+    part_rows = (((b * groups + g) * n_partials + block % n_partials) * d_state + n).to(tl.int64) * length
     start_tiles = ((b * dim + d).to(tl.int64) * n_chunks * d_state)[:, None] + n[None, :]
     seg_tiles = (((b * dim + d).to(tl.int64) * tl.num_programs(2) + seg) * d_state)[:, None] + n[None, :]
     cols = tl.arange(0, CHUNK)
@@ -330,7 +343,7 @@ def _backward_kernel(
             if HAS_Z:
                 y = tl.sum(h * C_t[None, :, :], axis=1) + D_vec[:, None] * u_t
                 _store_tile(dz, rows, d_mask, tokens, valid, dout_t * y * sig * (1.0 + z_t * (1.0 - sig)))
-            _store_tile(dC_part, part_rows, n_mask, tokens, valid, tl.sum(h * dy[:, None, :], axis=0))
+            _add_tile(dC_part, part_rows, n_mask, tokens, valid, tl.sum(h * dy[:, None, :], axis=0))
             d_exponent = dh * decayed
             dh_B = tl.sum(dh * B_t[None, :, :], axis=1)
             d_dt = tl.sum(d_exponent * A_tile[:, :, None], axis=1) + dh_B * u_t
@@ -338,7 +351,7 @@ def _backward_kernel(
                 d_dt = d_dt * tl.sigmoid(raw)
             _store_tile(du, rows, d_mask, tokens, valid, dh_B * dt + D_vec[:, None] * dy)
             _store_tile(ddelta, rows, d_mask, tokens, valid, d_dt)
-            _store_tile(dB_part, part_rows, n_mask, tokens, valid, tl.sum(dh * (dt * u_t)[:, None, :], axis=0))
+            _add_tile(dB_part, part_rows, n_mask, tokens, valid, tl.sum(dh * (dt * u_t)[:, None, :], axis=0))
             dA_acc += tl.sum(d_exponent * dt[:, None, :], axis=2)
             dD_acc += tl.sum(dy * u_t, axis=1)
             dbias_acc += tl.sum(d_dt, axis=1)
@@ -426,16 +439,19 @@ class _TritonSelectiveScan(torch.autograd.Function):
         dz = torch.empty_like(z) if z is not None else None
         seg_carry = torch.zeros(batch, dim, grid[2], A.shape[1], **f32)
         dA_part = torch.empty(batch, grid[2], *A.shape, **f32)
-        dB_part, dC_part = (torch.empty(batch, B.shape[1], grid[1], A.shape[1], length, **f32) for _ in range(2))
+        n_partials = min(PARTIAL_SUMS, grid[1])
+        dB_part, dC_part = (torch.zeros(batch, B.shape[1], n_partials, A.shape[1], length, **f32) for _ in range(2))
         dD_part, dbias_part = (torch.empty(batch, grid[2], dim, **f32) for _ in range(2))
         arguments = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
                      delta_bias if delta_bias is not None else u, dout.contiguous(), starts, seg_carry,
                      du, ddelta, dz if dz is not None else du, dA_part, dB_part, dC_part, dD_part, dbias_part)
         with _on_device(u):
             if grid[2] > 1:
-                _backward_kernel[grid](*arguments, **sizes, **ctx.flags, SUMMARY=True, num_warps=NUM_WARPS)
+                _backward_kernel[grid](*arguments, **sizes, **ctx.flags, n_partials=n_partials, SUMMARY=True,
+                                       num_warps=NUM_WARPS)
                 _carry_between_segments(seg_carry, seg_dt, A, sizes, reverse=True)
-            _backward_kernel[grid](*arguments, **sizes, **ctx.flags, SUMMARY=False, num_warps=NUM_WARPS)
+            _backward_kernel[grid](*arguments, **sizes, **ctx.flags, n_partials=n_partials, SUMMARY=False,
+                                   num_warps=NUM_WARPS)
         dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else None
         dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
         return (du, ddelta, dA_part.sum((0, 1)).to(A.dtype), dB_part.sum(2).to(B.dtype), dC_part.sum(2).to(C.dtype),

@@ -74,8 +74,8 @@ def check_gpu_and_kernels() -> list[Check]:
         version = _version(distribution)
         checks.append(Check(distribution.replace("_", "-"), "ok" if version else "warn", version or "not installed",
                             "" if version else "pip install --no-build-isolation mamba-ssm causal-conv1d "
-                                               "(README: GPU install); without them the exact PyTorch scan runs, "
-                                               "several times slower"))
+                                               "(README: GPU install); without them our Triton scan runs (see "
+                                               "'scan backend' below; README: Scan backends)"))
     return checks
 
 

@@ -178,20 +178,36 @@ def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int
                 ms = _median_ms(step, device, warmup, repeats)
                 gbs = scan_bytes(batch, dim, groups, d_state, length, u.element_size()) / ms / 1e6
                 rows.append({"d_model": d_model, "grid": grid, "dim": dim, "dtype": str(dtype)[6:], "backend": name,
-                             "ms": ms, "gbs": gbs})
+                             "ms": ms, "gbs": gbs, "extra_mib": _extra_memory_mib(step, device)})
     return rows
+
+
+def _extra_memory_mib(fn, device) -> float | None:
+    """Peak memory fn() allocates beyond what was allocated before it, in MiB (None off CUDA)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 def print_bandwidth(rows: list[dict], peak_gbs: float | None, title: str) -> None:
     peak = f"memory bandwidth {peak_gbs:.0f} GB/s (clock x bus width)" if peak_gbs else "memory bandwidth unknown"
-    print(f"\n{title}; bytes = least traffic of the scan's inputs, outputs and gradients; {peak}")
+    print(f"\n{title}; bytes = least traffic of the scan's inputs, outputs and gradients; {peak}; extra MiB = "
+          f"peak memory of one forward + backward beyond its inputs")
     header = (f"{'d_model':>7} {'tokens':>8} {'channels':>8} {'dtype':>8} {'backend':>7} | "
-              f"{'ms':>8} {'GB/s':>8} {'of peak':>7}")
+              f"{'ms':>8} {'GB/s':>8} {'of peak':>7} {'extra MiB':>9}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         share = f"{100 * r['gbs'] / peak_gbs:6.1f}%" if peak_gbs else f"{'-':>7}"
+        extra = f"{r['extra_mib']:9.0f}" if r["extra_mib"] is not None else f"{'-':>9}"
         print(f"{r['d_model']:>7} {'x'.join(map(str, r['grid'])):>8} {r['dim']:>8} {r['dtype']:>8} {r['backend']:>7} | "
-              f"{r['ms']:8.2f} {r['gbs']:8.1f} {share}")
+              f"{r['ms']:8.2f} {r['gbs']:8.1f} {share} {extra}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

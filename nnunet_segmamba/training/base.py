@@ -12,14 +12,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_segmamba.mamba import describe_backend
+from nnunet_segmamba.mamba import backend_for_compile, describe_backend, use_backend
 from nnunet_segmamba.networks.plans import build_network
 
 COMPILE_OFF_REASON = (
-    "off by default for nnunet-segmamba trainers: measured on an H200 (SegMamba-V2, 128^3, batch 2, "
-    "`nnunet-segmamba benchmark --compile`) it made steps 1.16x faster but took 270 s to compile, raised the peak "
-    "memory by 0.8 GiB (14%, beyond what the memory planning calibrates) and broke the graph 16 times (the "
-    "breaks in our own code are gone since, not re-measured); set nnUNet_compile=1 to use it"
+    "off by default for nnunet-segmamba trainers until it has run end to end through nnUNetv2_train on a GPU; "
+    "measured on an H200 (128^3, batch 2, `nnunet-segmamba benchmark --compile`, Triton scan): training steps 1.54x "
+    "(SegMamba-V2), 1.32x (SegMamba), 1.64x (MambaClinix) faster, 105-123 s to compile, no graph breaks, peak "
+    "memory -3.1 to +0.4 GiB; set nnUNet_compile=1 to use it (our Triton scan then runs: it compiles into the graph)"
 )
 
 
@@ -78,14 +78,19 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
 
     def initialize(self) -> None:
         super().initialize()
-        self.print_to_log_file(describe_backend(self.device))
+        backend = backend_for_compile(self.device) if self._do_i_compile() else None
+        if backend is not None:
+            use_backend(self.network, backend)
+        self.print_to_log_file(describe_backend(self.device, backend))
         if self.amp_dtype is None:
             self.print_to_log_file("Mixed precision: off (not on CUDA)")
         else:
             scaler = "no loss scaling" if self.grad_scaler is None else "GradScaler"
             self.print_to_log_file(f"Mixed precision: {self.amp_dtype} autocast, {scaler} ({AMP_VARIABLE}=fp16|bf16)")
         if self.device.type == "cuda":
-            state = "on (nnUNet_compile)" if self._do_i_compile() else COMPILE_OFF_REASON
+            state = COMPILE_OFF_REASON if not self._do_i_compile() else "on (nnUNet_compile)" + (
+                f"; Mamba scan backend {backend}: it compiles into the graph (mamba-ssm's kernels break it at "
+                f"every scan)" if backend else "")
             self.print_to_log_file(f"torch.compile: {state}")
 
     def _do_i_compile(self) -> bool:
