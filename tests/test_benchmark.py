@@ -164,3 +164,24 @@ def test_profile_and_compile_on_cpu(tmp_path, capsys):
     else:
         assert compiled["step_ms"] > 0 and compiled["compile_s"] > 0 and compiled["graph_breaks"] == 0
         assert compiled_row.split()[:2] == ["nnUNetTrainer", f"{compiled['step_ms']:.1f}"]
+
+
+def test_compiled_step_runs_the_mamba_layers_on_the_compile_backend():
+    """`--compile` times what our trainers run under nnUNet_compile: the layers on `backend_for_compile`'s
+    scan while compiled, back to the eager choice afterwards (a stand-in backend here: on the CPU it is None)."""
+    import torch
+
+    from nnunet_segmamba.mamba import Mamba
+    from nnunet_segmamba.tools.benchmark import compiled_training
+
+    network = torch.nn.Sequential(Mamba(8), Mamba(8))
+    seen = []
+
+    def make_step(net):
+        def step():
+            seen.append([m.backend for m in net.modules() if isinstance(m, Mamba)])
+        return step
+
+    result = compiled_training(make_step, network, torch.device("cpu"), warmup=0, repeats=1, backend="torch")
+    assert "error" not in result and seen and all(backends == ["torch", "torch"] for backends in seen)
+    assert [m.backend for m in network.modules() if isinstance(m, Mamba)] == [None, None]

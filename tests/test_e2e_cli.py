@@ -176,6 +176,27 @@ def test_gpu_trained_checkpoint_predicts_on_the_cpu(preprocessed, tmp_path, trai
         assert difference < 0.1 and agreement > 0.995, (name, difference, agreement)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerSegMambaV2_ci", "nnUNetTrainerSegMamba_ci",
+                                     "nnUNetTrainerMambaClinix_ci"])
+def test_compiled_training_validates_and_predicts(preprocessed, tmp_path, trainer):
+    """nnUNetv2_train with nnUNet_compile=1 (nnU-Net compiles the network): our trainer puts the Mamba layers
+    on the Triton scan, trains, validates (eval mode, other batch shapes) and writes a checkpoint that
+    nnUNetv2_predict uses. What has to pass before compiling becomes our trainers' default."""
+    root, env = preprocessed
+    raw = Path(env["nnUNet_raw"]) / f"Dataset{DATASET}_E2E"
+    run_env = {**env, "nnUNet_results": str(tmp_path / "results"), "nnUNet_compile": "1"}
+    stock(preprocessed, f"nnUNetv2_train {DATASET} 3d_fullres 0 -tr {trainer} -device cuda", **run_env)
+    fold = tmp_path / "results" / f"Dataset{DATASET}_E2E" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "Using torch.compile" in log and "torch.compile: on (nnUNet_compile); Mamba scan backend triton" in log
+    assert "foreground_mean" in json.loads((fold / "validation" / "summary.json").read_text())
+    predictions = tmp_path / "predictions"
+    stock(preprocessed, f"nnUNetv2_predict -i {raw / 'imagesTs'} -o {predictions} -d {DATASET} -c 3d_fullres "
+                        f"-tr {trainer} -f 0 -device cuda -npp 1 -nps 1", **run_env)
+    assert sorted(p.name for p in predictions.glob("*.nii.gz")) == ["E2E_006.nii.gz", "E2E_007.nii.gz"]
+
+
 def test_our_plans_train_with_the_stock_cli(preprocessed):
     """`nnunet-segmamba plan` writes plans that nnUNetv2_train -p uses on nnU-Net's preprocessed data."""
     root, env = preprocessed

@@ -11,8 +11,8 @@ timed ones, device time of the CUDA kernels (self CPU time of the ops on the CPU
 convolution, matmul, normalization, copy/layout, elementwise, reduction, optimizer, other; `kernel_category`)
 and the top kernels, in ms per step. `--compile` adds the same training step with `torch.compile(network)`
 (default mode): compile time (the first step's wall time), step time after warm-up, peak memory and graph
-breaks (the Mamba scan's custom autograd Function may break the graph); a network that fails to compile gets
-the error in its row.
+breaks; on a GPU its Mamba layers use the scan our trainers take under nnUNet_compile (`backend_for_compile`:
+Triton, which compiles into the graph); a network that fails to compile gets the error in its row.
 """
 
 from __future__ import annotations
@@ -243,15 +243,19 @@ def _one_line(error: Exception, width: int = 200) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def compiled_training(make_step: Callable, network, device, warmup: int, repeats: int) -> dict:
-    """`make_step`'s training step of `torch.compile(network)` (default mode): compile time (the first step's
-    wall seconds), median step ms after warm-up, peak GiB, graph breaks and their reasons; {"error": line} if
-    compiling or running fails."""
+def compiled_training(make_step: Callable, network, device, warmup: int, repeats: int,
+                      backend: str | None = None) -> dict:
+    """`make_step`'s training step of `torch.compile(network)` (default mode), its Mamba layers on scan `backend`
+    (None: as chosen for eager): compile time (the first step's wall seconds), median step ms after warm-up, peak
+    GiB, graph breaks and their reasons; {"error": line} if compiling or running fails."""
     import torch
     from torch._dynamo.utils import counters
 
+    from nnunet_segmamba.mamba import use_backend
+
     torch._dynamo.reset()
     counters["graph_break"].clear()
+    use_backend(network, backend)
     try:
         step = make_step(torch.compile(network))
         begin = time.perf_counter()
@@ -264,6 +268,7 @@ def compiled_training(make_step: Callable, network, device, warmup: int, repeats
         return {"error": _one_line(error)}
     finally:
         torch._dynamo.reset()  # frees the compiled code before the next network
+        use_backend(network, None)
     reasons = counters["graph_break"]
     return {"step_ms": step_ms, "compile_s": compile_s, "peak_gib": peak, "graph_breaks": sum(reasons.values()),
             "graph_break_reasons": sorted({reason.splitlines()[0] for reason in reasons})}
@@ -299,9 +304,9 @@ def training_step(network, x, targets: list, device, dtype) -> Callable[[], None
 
 def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, in_channels: int, num_classes: int,
                       device, amp: str, warmup: int, repeats: int, *, profile: bool = False,
-                      compiled: bool = False) -> Result:
+                      compiled: bool = False, compiled_backend: str | None = None) -> Result:
     """Times one network; `network` has deep supervision on. `profile`: also profile_training; `compiled`: also
-    compiled_training."""
+    compiled_training on scan `compiled_backend`."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -342,7 +347,7 @@ def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, i
     if profile:
         result.profile = profile_training(train_step, device)
     if compiled:
-        result.compiled = compiled_training(make_step, network, device, warmup, repeats)
+        result.compiled = compiled_training(make_step, network, device, warmup, repeats, compiled_backend)
     return result
 
 
@@ -493,7 +498,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_segmamba.mamba import describe_backend
+    from nnunet_segmamba.mamba import backend_for_compile, describe_backend
     from nnunet_segmamba.tools.environment import find_trainer
 
     try:
@@ -524,13 +529,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {error}")
         return 2
     print(describe_backend(device))
+    compiled_backend = backend_for_compile(device) if args.compile else None
+    if compiled_backend is not None:  # as our trainers do under nnUNet_compile
+        print(f"torch.compile: {describe_backend(device, compiled_backend)}")
     results = []
     for name, trainer, row_configuration in rows:
         network = trainer.build_network_architecture(manager, row_configuration, in_channels, num_classes, True)
         print(f"  {name} ...", flush=True)
         results.append(benchmark_network(name, network, configuration.patch_size, batch_size, in_channels,
                                          num_classes, device, args.amp, args.warmup, args.repeats,
-                                         profile=args.profile, compiled=args.compile))
+                                         profile=args.profile, compiled=args.compile,
+                                         compiled_backend=compiled_backend))
         if args.predict_volume:
             network.decoder.deep_supervision = False
             results[-1].volume_s = predict_volume_seconds(network, manager, row_configuration, num_classes,
