@@ -9,13 +9,11 @@ import torch
 from nnunet_segmamba.mamba import triton_scan
 from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
 
-SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK, PARTIAL_SUMS, LOOP_STAGES); PROGRAMS_PER_SM 0: one
-    # segment (no split); PARTIAL_SUMS 1024: a slice per channel block; LOOP_STAGES None: Triton's default. Edit to
-    # try others: earlier sweeps are in BENCHMARKS.md.
-    (8, 1, 512, 32, 1, None), (8, 1, 512, 32, 1, 1), (8, 1, 512, 32, 1, 2), (8, 1, 512, 32, 1, 4),
-    (8, 2, 1024, 64, 1, 3),
+SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK, PARTIAL_SUMS); PROGRAMS_PER_SM 0: one segment (no
+    # split); PARTIAL_SUMS 1024: a slice per channel block. Edit to try others: earlier sweeps are in BENCHMARKS.md.
+    (8, 1, 512, 32, 1), (8, 1, 512, 32, 4), (8, 1, 512, 32, 1024),
 ]
-NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "MAX_TILE", "CHUNK", "PARTIAL_SUMS", "LOOP_STAGES")
+NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "MAX_TILE", "CHUNK", "PARTIAL_SUMS")
 
 device = torch.device("cuda")
 scans = gpu_scans(device)
@@ -43,7 +41,7 @@ def errors(length=32768, dim=768, groups=3, d_state=16):
     return max(_relative(a, b) for a, b in zip(results[1], results[0]))
 
 
-print(f"{'setting':<48} {'d_model':>7} {'dtype':>8} | {'triton ms':>9} {'cuda ms':>8} {'triton/cuda':>11} "
+print(f"{'setting':<42} {'d_model':>7} {'dtype':>8} | {'triton ms':>9} {'cuda ms':>8} {'triton/cuda':>11} "
       f"{'triton MiB':>10} {'cuda MiB':>8}")
 for setting in SETTINGS:
     for name, value in zip(NAMES, setting):
@@ -53,14 +51,14 @@ for setting in SETTINGS:
         rows = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 2, 3, 10)
         error = errors()
     except Exception as e:  # a setting that does not compile or run: report and go on
-        print(f"{label:<48} failed: {str(e).splitlines()[0][:120]}")
+        print(f"{label:<42} failed: {str(e).splitlines()[0][:120]}")
         continue
     few_channels = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 1, 3, 10, stages=FEW_CHANNELS)
     for r, base in zip(few_channels, few_baseline):
-        print(f"{label:<48} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
+        print(f"{label:<42} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
               f"{r['ms'] / base['ms']:10.2f}x {r['extra_mib']:10.0f} {base['extra_mib']:8.0f}")
     for r in rows:
         base = baseline[(r["d_model"], r["dtype"])]
-        print(f"{label:<48} {r['d_model']:>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
+        print(f"{label:<42} {r['d_model']:>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
               f"{r['ms'] / base['ms']:10.2f}x {r['extra_mib']:10.0f} {base['extra_mib']:8.0f}")
-    print(f"{label:<48} max relative error vs cuda (out, all grads, fp32, 32^3 tokens): {error:.1e}")
+    print(f"{label:<42} max relative error vs cuda (out, all grads, fp32, 32^3 tokens): {error:.1e}")

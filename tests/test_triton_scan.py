@@ -127,7 +127,7 @@ from nnunet_segmamba.mamba import triton_scan
 meta = dict(device="meta")  # the launch sizes of a Mamba layer: 384 channels, d_state 16
 _, sizes = triton_scan._launch_config(torch.empty(2, 384, 4096, **meta), torch.empty(384, 16, **meta),
                                       torch.empty(2, 1, 16, 4096, **meta))
-blocks = {name: sizes[name] for name in ("CHUNK", "BLOCK_D", "BLOCK_N", "STAGES")}
+blocks = {name: sizes[name] for name in ("CHUNK", "BLOCK_D", "BLOCK_N")}
 bf16 = {"u", "delta", "B", "C", "z", "out", "dout", "du", "ddelta", "dz"}  # A, D, bias, buffers: fp32
 target, options = GPUTarget("cuda", 90, 32), dict(num_warps=triton_scan.NUM_WARPS)
 
@@ -143,9 +143,6 @@ for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
         for flags in (True, False):
             build(kernel, dict(SUMMARY=summary, HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags,
                                  **blocks), {*sizes, "n_partials"})
-    pipelined = dict(blocks, STAGES=3)  # the chunk loops pipelined (LOOP_STAGES, swept on the GPU)
-    build(kernel, dict(SUMMARY=False, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, **pipelined),
-          {*sizes, "n_partials"})
 for reverse in (True, False):
     build(triton_scan._carry_kernel, dict(REVERSE=reverse, BLOCK_D=blocks["BLOCK_D"], BLOCK_N=blocks["BLOCK_N"]),
             {"dim", "d_state", "n_segments"})

@@ -94,10 +94,6 @@ deterministic store this replaced) was 3.2 GB each for a d_model-128 tri-orienta
 NUM_WARPS = 1
 """Warps per program: a 512-element tile is 16 fp32 registers per thread."""
 
-LOOP_STAGES = None
-"""Software-pipelining stages of the loops over chunks (`tl.range`'s num_stages: loads of later chunks issued while
-one is computed); None: Triton's default. Not measured yet: `.ci/triton-sweep.py` sweeps it."""
-
 PROGRAMS_PER_SM = 8
 """Programs per SM below which the sequence is split into segments scanned in parallel (`_segment_chunks`):
 batch 2 at a 128^3 plan's Mamba stages has 11 or more per SM, where the two extra passes cost more than
@@ -218,7 +214,6 @@ def _forward_kernel(
     dim, groups, per_group, length, d_state, n_chunks, seg_chunks,
     SUMMARY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """One channel block over one segment of chunks. SUMMARY: the state the segment reaches from h = 0 into
     seg_state (batch, dim, n_segments, N) and the sum of its deltas into seg_dt (batch, dim, n_segments).
@@ -237,7 +232,7 @@ def _forward_kernel(
     if not SUMMARY:
         h += tl.load(seg_state + seg_tiles, mask=dn_mask, other=0.0)
     dt_sum = tl.zeros((BLOCK_D,), tl.float32)
-    for c in tl.range(first, last, num_stages=STAGES):
+    for c in range(first, last):
         tokens = c * CHUNK + cols
         valid = tokens < length
         dt, _ = _delta_tile(delta, rows, d_mask, tokens, valid, bias_vec, SOFTPLUS)
@@ -293,7 +288,6 @@ def _backward_kernel(
     dim, groups, per_group, length, d_state, n_chunks, seg_chunks, n_partials,
     SUMMARY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
     """One channel block over one segment of chunks, last chunk first. SUMMARY: the adjoint carry the segment
     passes to earlier tokens from a zero carry, into seg_carry (batch, dim, n_segments, N). Otherwise, from
@@ -314,7 +308,7 @@ def _backward_kernel(
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
-    for i in tl.range(0, last - first, num_stages=STAGES):
+    for i in range(0, last - first):
         c = last - 1 - i
         tokens = c * CHUNK + cols
         valid = tokens < length
@@ -391,8 +385,7 @@ def _launch_config(u: Tensor, A: Tensor, B: Tensor) -> tuple[tuple[int, int, int
     seg_chunks = _segment_chunks(n_chunks, batch * groups * channel_blocks, u.device)
     grid = (batch * groups, channel_blocks, triton.cdiv(n_chunks, seg_chunks))
     sizes = dict(dim=dim, groups=groups, per_group=per_group, length=length, d_state=d_state,
-                 n_chunks=n_chunks, seg_chunks=seg_chunks, CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n,
-                 STAGES=LOOP_STAGES)
+                 n_chunks=n_chunks, seg_chunks=seg_chunks, CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
     return grid, sizes
 
 
