@@ -47,6 +47,7 @@ def workspace(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     env.update({k: str(v) for k, v in folders.items()})
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+    env["nnUNet_compile"] = "f"  # on CUDA nnU-Net (and our trainers) compile by default: only the test of that does
     return root, env
 
 
@@ -180,21 +181,27 @@ def test_gpu_trained_checkpoint_predicts_on_the_cpu(preprocessed, tmp_path, trai
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerSegMambaV2_ci", "nnUNetTrainerSegMamba_ci",
                                      "nnUNetTrainerMambaClinix_ci"])
 def test_compiled_training_validates_and_predicts(preprocessed, tmp_path, trainer):
-    """nnUNetv2_train with nnUNet_compile=1 (nnU-Net compiles the network): our trainer puts the Mamba layers
-    on the Triton scan, trains, validates (eval mode, other batch shapes) and writes a checkpoint that
-    nnUNetv2_predict uses. What has to pass before compiling becomes our trainers' default."""
+    """nnUNetv2_train compiles by default on CUDA (nnU-Net's default, nnUNet_compile unset): our trainer puts the
+    Mamba layers on the Triton scan, trains, validates (eval mode, batch-1 patches: a static recompile) and
+    writes a checkpoint that nnUNetv2_predict with nnUNet_compile=1 (where nnU-Net compiles only on request)
+    uses without falling back."""
     root, env = preprocessed
     raw = Path(env["nnUNet_raw"]) / f"Dataset{DATASET}_E2E"
-    run_env = {**env, "nnUNet_results": str(tmp_path / "results"), "nnUNet_compile": "1"}
-    stock(preprocessed, f"nnUNetv2_train {DATASET} 3d_fullres 0 -tr {trainer} -device cuda", **run_env)
+    run_env = {k: v for k, v in env.items() if k != "nnUNet_compile"}
+    run_env["nnUNet_results"] = str(tmp_path / "results")
+    stock((root, run_env), f"nnUNetv2_train {DATASET} 3d_fullres 0 -tr {trainer} -device cuda")
     fold = tmp_path / "results" / f"Dataset{DATASET}_E2E" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
     log = next(fold.glob("training_log_*.txt")).read_text()
-    assert "Using torch.compile" in log and "torch.compile: on (nnUNet_compile); Mamba scan backend triton" in log
+    assert "Using torch.compile" in log
+    assert "torch.compile: on (nnU-Net's default; nnUNet_compile=0 turns it off); Mamba scan backend triton" in log
     assert "foreground_mean" in json.loads((fold / "validation" / "summary.json").read_text())
     predictions = tmp_path / "predictions"
-    stock(preprocessed, f"nnUNetv2_predict -i {raw / 'imagesTs'} -o {predictions} -d {DATASET} -c 3d_fullres "
-                        f"-tr {trainer} -f 0 -device cuda -npp 1 -nps 1", **run_env)
+    predicted = stock(preprocessed, f"nnUNetv2_predict -i {raw / 'imagesTs'} -o {predictions} -d {DATASET} "
+                                    f"-c 3d_fullres -tr {trainer} -f 0 -device cuda -npp 1 -nps 1", **run_env,
+                      nnUNet_compile="1")
     assert sorted(p.name for p in predictions.glob("*.nii.gz")) == ["E2E_006.nii.gz", "E2E_007.nii.gz"]
+    assert "Using torch.compile" in predicted.stdout
+    assert "unsuccessful" not in predicted.stdout  # nnU-Net retries a failed prediction with results on the CPU
 
 
 def test_our_plans_train_with_the_stock_cli(preprocessed):

@@ -170,12 +170,39 @@ def test_nnunet_compile_sets_the_compiled_backend_on_every_layer(make_trainer, m
     (data / "case.b2nd").touch()  # the dataset format nnU-Net's initialize looks for; nothing is read
     monkeypatch.setattr(trainer, "_do_i_compile", lambda: True)
     monkeypatch.setattr(base, "backend_for_compile", lambda device: "torch")
-    trainer.initialize()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=True):
+        trainer.initialize()
+        static = not torch._dynamo.config.automatic_dynamic_shapes
     layers = [m for m in trainer.network.modules() if isinstance(m, Mamba)]
     assert type(trainer.network).__name__ == "OptimizedModule" and layers
-    assert all(layer.backend == "torch" for layer in layers)
+    assert all(layer.backend == "torch" for layer in layers) and static
     with open(trainer.log_file) as log:
         assert "requested: torch" in log.read()
+
+
+def test_a_network_built_for_nnunet_compile_takes_the_compiled_backend(make_trainer, monkeypatch, tmp_path):
+    """nnUNetv2_predict compiles the network that build_network_architecture returns when nnUNet_compile is set
+    (nothing of ours runs in between): the layers carry the compiled backend from the start, and dynamo keeps
+    shapes static. A trainer that does not compile (here: on the CPU) resets the layers to the environment's
+    choice in `initialize`."""
+    from nnunet_segmamba.mamba import Mamba
+    from nnunet_segmamba.training import base
+
+    monkeypatch.setenv("nnUNet_compile", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(base, "backend_for_compile", lambda device: "torch" if device.type == "cuda" else None)
+    trainer = make_trainer()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=True):
+        network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3,
+                                                     False)
+        static = not torch._dynamo.config.automatic_dynamic_shapes
+    backends = {m.backend for m in network.modules() if isinstance(m, Mamba)}
+    assert backends == {"torch"} and static
+    data = tmp_path / "nnUNet_preprocessed" / "Dataset999_Robust" / trainer.configuration_manager.data_identifier
+    data.mkdir(parents=True)
+    (data / "case.b2nd").touch()
+    trainer.initialize()
+    assert {m.backend for m in trainer.network.modules() if isinstance(m, Mamba)} == {None}
 
 
 def test_an_interrupted_checkpoint_write_keeps_the_previous_checkpoint(make_trainer, monkeypatch, tmp_path):

@@ -55,6 +55,16 @@ def test_amp_and_compile_decisions(monkeypatch):
     assert base.compile_requested()
 
 
+def test_the_log_says_whether_and_why_the_network_compiles(monkeypatch):
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    on = base.describe_compile(True, "triton")
+    assert on.startswith("torch.compile: on (nnU-Net's default; nnUNet_compile=0 turns it off); Mamba scan backend "
+                         "triton: it compiles into the graph")
+    assert "1.54x (SegMamba-V2)" in on
+    monkeypatch.setenv("nnUNet_compile", "0")
+    assert base.describe_compile(False, None).startswith("torch.compile: off (nnUNet_compile=0; unset it to compile)")
+
+
 @pytest.mark.parametrize("network_class", ["SegMambaV2", "SegMamba", "MambaClinix"])
 def test_networks_trace_for_torch_compile_without_graph_breaks(network_class):
     """`nnUNet_compile=1` compiles the whole network; with the PyTorch scan nothing in our code breaks the graph

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch._dynamo
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -15,12 +16,11 @@ from torch import nn
 from nnunet_segmamba.mamba import backend_for_compile, describe_backend, use_backend
 from nnunet_segmamba.networks.plans import build_network
 
-COMPILE_OFF_REASON = (
-    "off by default for nnunet-segmamba trainers until it has run end to end through nnUNetv2_train on a GPU; "
-    "measured on an H200 (128^3, batch 2, `nnunet-segmamba benchmark --compile`, Triton scan): training steps 1.54x "
-    "(SegMamba-V2), 1.32x (SegMamba), 1.64x (MambaClinix) faster, 105-123 s to compile, no graph breaks, peak "
-    "memory -3.1 to +0.4 GiB; set nnUNet_compile=1 to use it (our Triton scan then runs: it compiles into the graph)"
+COMPILE_EVIDENCE = (
+    "H200, 128^3 plan, batch 2, Triton scan (BENCHMARKS.md): training steps 1.54x (SegMamba-V2), 1.32x (SegMamba), "
+    "1.64x (MambaClinix) faster than eager, 105-123 s to compile, no graph breaks"
 )
+"""Why our trainers compile by default, as nnU-Net's own do (nnUNet_compile=0 turns it off)."""
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,11 +51,32 @@ def compile_requested() -> bool:
     return os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
 
 
+def describe_compile(compiled: bool, backend: str | None) -> str:
+    """The training log's line on torch.compile (CUDA only: nnU-Net never compiles on the CPU)."""
+    if compiled:
+        scan = (f"; Mamba scan backend {backend}: it compiles into the graph (mamba-ssm's kernels would break it at "
+                f"every scan)") if backend else ""
+        state = f"on (nnU-Net's default; nnUNet_compile=0 turns it off){scan}"
+    else:
+        value = os.environ.get("nnUNet_compile")
+        state = f"off (nnUNet_compile={value}; unset it to compile)" if value else "off (nnU-Net does not compile here)"
+    return f"torch.compile: {state}. {COMPILE_EVIDENCE}"
+
+
+def compile_with_static_shapes() -> None:
+    """Make torch.compile recompile for a new input shape instead of generalising to symbolic sizes.
+
+    nnU-Net feeds a network two shapes per configuration (the training batch, and one patch in the sliding
+    window), so static graphs cost one compile each, as dynamic ones do. Symbolic sizes broke MambaClinix in
+    nnUNetv2_predict (H200, torch 2.11: InductorError "vr must not be None for symbol ps0", BENCHMARKS.md)."""
+    torch._dynamo.config.automatic_dynamic_shapes = False
+
+
 class nnUNetTrainerMambaBase(nnUNetTrainer):
     """nnU-Net's trainer with `network_class` built from the plans (plus `network_options`), fp16 autocast
-    with GradScaler (bf16 by NNUNET_SEGMAMBA_AMP), torch.compile off unless nnUNet_compile asks, the scan
-    backend in the log, checkpoints written atomically, and a stop after `max_non_finite_steps` consecutive
-    non-finite losses."""
+    with GradScaler (bf16 by NNUNET_SEGMAMBA_AMP), torch.compile on CUDA as in nnU-Net (with our Triton scan,
+    static shapes), the scan backend in the log, checkpoints written atomically, and a stop after
+    `max_non_finite_steps` consecutive non-finite losses."""
 
     network_class: ClassVar[type[nn.Module]]
     network_options: ClassVar[dict[str, Any]] = {}
@@ -73,14 +94,22 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        return build_network(cls.network_class, configuration_manager, num_input_channels, num_output_channels,
-                             enable_deep_supervision, **cls.network_options)
+        network = build_network(cls.network_class, configuration_manager, num_input_channels, num_output_channels,
+                                enable_deep_supervision, **cls.network_options)
+        if compile_requested() and torch.cuda.is_available():
+            # nnUNetv2_predict compiles the network built here when nnUNet_compile is set (our trainers decide again
+            # in `initialize`): the scan that compiles into the graph, on static shapes
+            use_backend(network, backend_for_compile(torch.device("cuda")))
+            compile_with_static_shapes()
+        return network
 
     def initialize(self) -> None:
         super().initialize()
-        backend = backend_for_compile(self.device) if self._do_i_compile() else None
-        if backend is not None:
-            use_backend(self.network, backend)
+        compiled = self._do_i_compile()
+        backend = backend_for_compile(self.device) if compiled else None
+        use_backend(self.network, backend)
+        if compiled:
+            compile_with_static_shapes()
         self.print_to_log_file(describe_backend(self.device, backend))
         if self.amp_dtype is None:
             self.print_to_log_file("Mixed precision: off (not on CUDA)")
@@ -88,13 +117,7 @@ class nnUNetTrainerMambaBase(nnUNetTrainer):
             scaler = "no loss scaling" if self.grad_scaler is None else "GradScaler"
             self.print_to_log_file(f"Mixed precision: {self.amp_dtype} autocast, {scaler} ({AMP_VARIABLE}=fp16|bf16)")
         if self.device.type == "cuda":
-            state = COMPILE_OFF_REASON if not self._do_i_compile() else "on (nnUNet_compile)" + (
-                f"; Mamba scan backend {backend}: it compiles into the graph (mamba-ssm's kernels break it at "
-                f"every scan)" if backend else "")
-            self.print_to_log_file(f"torch.compile: {state}")
-
-    def _do_i_compile(self) -> bool:
-        return compile_requested() and super()._do_i_compile()
+            self.print_to_log_file(describe_compile(compiled, backend))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """Sets the dtype that nnU-Net's own `autocast(enabled=True)` inside the steps picks up."""
