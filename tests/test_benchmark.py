@@ -185,3 +185,24 @@ def test_compiled_step_runs_the_mamba_layers_on_the_compile_backend():
     result = compiled_training(make_step, network, torch.device("cpu"), warmup=0, repeats=1, backend="torch")
     assert "error" not in result and seen and all(backends == ["torch", "torch"] for backends in seen)
     assert [m.backend for m in network.modules() if isinstance(m, Mamba)] == [None, None]
+
+
+def test_eager_steps_run_the_environments_scan_under_nnunet_compile(tmp_path, capsys, monkeypatch):
+    """With nnUNet_compile=1 exported on a CUDA machine our trainers' build puts the Mamba layers on the compiled
+    scan (for nnU-Net's predictor, which compiles what the build returns); the benchmark's eager steps still time
+    the environment's choice. Here on the CPU, where the stand-in compiled scan ('cuda') cannot run."""
+    import torch
+
+    from nnunet_segmamba.tools.environment import trainers_folder
+    from nnunet_segmamba.training import base
+
+    monkeypatch.setenv("nnUNet_extTrainer", trainers_folder())
+    monkeypatch.setenv("nnUNet_compile", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(base, "backend_for_compile", lambda device: "cuda")
+    output = tmp_path / "result.json"
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=True):
+        code = main(["benchmark", "--plans-file", str(tiny_plans_file(tmp_path)), "-tr", "nnUNetTrainerSegMambaV2",
+                     "--device", "cpu", "--amp", "fp32", "--warmup", "0", "--repeats", "1", "-o", str(output)])
+    [result] = json.loads(output.read_text())["results"]
+    assert code == 0 and result["train_step_ms"] > 0

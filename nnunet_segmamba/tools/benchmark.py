@@ -498,7 +498,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_segmamba.mamba import backend_for_compile, describe_backend
+    from nnunet_segmamba.mamba import backend_for_compile, describe_backend, use_backend
     from nnunet_segmamba.tools.environment import find_trainer
 
     try:
@@ -535,6 +535,7 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for name, trainer, row_configuration in rows:
         network = trainer.build_network_architecture(manager, row_configuration, in_channels, num_classes, True)
+        use_backend(network, None)  # eager: the environment's scan (under nnUNet_compile the build sets another)
         print(f"  {name} ...", flush=True)
         results.append(benchmark_network(name, network, configuration.patch_size, batch_size, in_channels,
                                          num_classes, device, args.amp, args.warmup, args.repeats,
