@@ -78,6 +78,26 @@ def test_doctor_reports_an_unset_hook(nnunet_folders, monkeypatch):
     assert check.status == "FAIL" and "Could not find requested nnunet trainer" in check.detail
 
 
+def test_doctor_says_whether_nnunets_default_compile_can_run(monkeypatch):
+    """On CUDA nnUNetv2_train compiles by default; without working Triton kernels that run would fail."""
+    import torch
+
+    from nnunet_segmamba.mamba import backends
+
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert doctor.check_compile().detail == "off here: nnU-Net compiles only on CUDA"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (None, "Triton could not be imported (no cc)"))
+    check = doctor.check_compile()
+    assert check.status == "FAIL" and "but Triton could not be imported (no cc)" in check.detail
+    assert "export nnUNet_compile=0" in check.advice
+    monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (backends.TORCH_OPS, ""))
+    assert doctor.check_compile().status == "ok" and "compile with the triton scan" in doctor.check_compile().detail
+    monkeypatch.setenv("nnUNet_compile", "f")
+    assert doctor.check_compile().detail == "off (nnUNet_compile=f): eager training"
+
+
 def test_doctor_console_script(tmp_path):
     folders = {name: str(tmp_path) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     result = documented_shell("nnunet-segmamba doctor", **folders)

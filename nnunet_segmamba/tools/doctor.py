@@ -113,6 +113,26 @@ def check_scan_backend() -> Check:
     return Check("scan backend", status, detail, "" if error < 1e-4 else "report this: the scan is wrong here")
 
 
+def check_compile() -> Check:
+    """nnUNetv2_train compiles by default on CUDA (our trainers too): can the compiled scan's Triton kernels run?"""
+    import torch
+
+    from nnunet_segmamba.mamba import backends
+
+    value = os.environ.get("nnUNet_compile")
+    if not torch.cuda.is_available():
+        return Check("torch.compile", "ok", "off here: nnU-Net compiles only on CUDA")
+    if value is not None and value.lower() not in ("true", "1", "t"):
+        return Check("torch.compile", "ok", f"off (nnUNet_compile={value}): eager training")
+    ops, reason = backends.GPU_OPS[backends.COMPILED_BACKEND](0)
+    if ops is None:
+        return Check("torch.compile", "FAIL", f"on (nnU-Net's default), but {reason}",
+                     "export nnUNet_compile=0 (eager training), or make Triton run: it ships with the Linux CUDA "
+                     "wheels of torch and needs a C compiler (e.g. apt install gcc)")
+    return Check("torch.compile", "ok", f"on (nnU-Net's default; nnUNet_compile=0 turns it off): the Mamba layers "
+                                        f"compile with the {backends.COMPILED_BACKEND} scan")
+
+
 def check_paths() -> list[Check]:
     checks = []
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -154,7 +174,7 @@ def check_trainer_hook() -> list[Check]:
 def run_checks() -> list[Check]:
     # the trainer lookup first: nnU-Net's lookup breaks once mamba_ssm has imported transformers (see find_trainer)
     hook = check_trainer_hook()
-    return [*check_versions(), *check_gpu_and_kernels(), check_scan_backend(), *check_paths(), *hook]
+    return [*check_versions(), *check_gpu_and_kernels(), check_scan_backend(), check_compile(), *check_paths(), *hook]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
