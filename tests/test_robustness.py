@@ -157,6 +157,13 @@ def test_a_diverged_run_stops_with_advice(make_trainer):
         trainer._stop_if_diverged(np.array(np.nan))
 
 
+def preprocessed_folder_for(trainer, tmp_path) -> None:
+    """The folder nnU-Net's `initialize` looks for, with one file of its dataset format (nothing is read)."""
+    data = tmp_path / "nnUNet_preprocessed" / "Dataset999_Robust" / trainer.configuration_manager.data_identifier
+    data.mkdir(parents=True)
+    (data / "case.b2nd").touch()
+
+
 def test_nnunet_compile_sets_the_compiled_backend_on_every_layer(make_trainer, monkeypatch, tmp_path):
     """With nnUNet_compile (nnU-Net wraps the network in torch.compile) our trainer sets the scan backend that
     compiles into the graph (Triton on a GPU; here a stand-in, as nnU-Net compiles only on CUDA) on every Mamba
@@ -165,9 +172,7 @@ def test_nnunet_compile_sets_the_compiled_backend_on_every_layer(make_trainer, m
     from nnunet_segmamba.training import base
 
     trainer = make_trainer()
-    data = tmp_path / "nnUNet_preprocessed" / "Dataset999_Robust" / trainer.configuration_manager.data_identifier
-    data.mkdir(parents=True)
-    (data / "case.b2nd").touch()  # the dataset format nnU-Net's initialize looks for; nothing is read
+    preprocessed_folder_for(trainer, tmp_path)
     monkeypatch.setattr(trainer, "_do_i_compile", lambda: True)
     monkeypatch.setattr(base, "backend_for_compile", lambda device: "torch")
     with torch._dynamo.config.patch(automatic_dynamic_shapes=True):
@@ -198,10 +203,9 @@ def test_a_network_built_for_nnunet_compile_takes_the_compiled_backend(make_trai
         static = not torch._dynamo.config.automatic_dynamic_shapes
     backends = {m.backend for m in network.modules() if isinstance(m, Mamba)}
     assert backends == {"torch"} and static
-    data = tmp_path / "nnUNet_preprocessed" / "Dataset999_Robust" / trainer.configuration_manager.data_identifier
-    data.mkdir(parents=True)
-    (data / "case.b2nd").touch()
-    trainer.initialize()
+    preprocessed_folder_for(trainer, tmp_path)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=True):
+        trainer.initialize()
     assert {m.backend for m in trainer.network.modules() if isinstance(m, Mamba)} == {None}
 
 
