@@ -438,7 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"the top {TOP_KERNELS} kernels, in ms per step (CUDA kernels' device time; on the CPU the "
                         "ops' self CPU time)")
     parser.add_argument("--compile", action="store_true", help="also time the training step with "
-                        "torch.compile(network) (default mode): step time and speed-up over eager, compile time (the "
+                        "torch.compile(network) (default mode), as nnUNetv2_train runs it on CUDA: step time and speed-up over eager, compile time (the "
                         "first step), peak memory, graph breaks; a network that fails to compile shows the error")
     parser.add_argument("-o", "--output", help="write the results as JSON here")
 
