@@ -93,7 +93,8 @@ def test_doctor_says_whether_nnunets_default_compile_can_run(monkeypatch):
     assert check.status == "FAIL" and "but Triton could not be imported (no cc)" in check.detail
     assert "export nnUNet_compile=0" in check.advice
     monkeypatch.setitem(backends.GPU_OPS, "triton", lambda index: (backends.TORCH_OPS, ""))
-    assert doctor.check_compile().status == "ok" and "compile with the triton scan" in doctor.check_compile().detail
+    check = doctor.check_compile()
+    assert check.status == "ok" and "compile with the triton scan" in check.detail
     monkeypatch.setenv("nnUNet_compile", "f")
     assert doctor.check_compile().detail == "off (nnUNet_compile=f): eager training"
 

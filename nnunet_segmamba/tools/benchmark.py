@@ -11,8 +11,8 @@ timed ones, device time of the CUDA kernels (self CPU time of the ops on the CPU
 convolution, matmul, normalization, copy/layout, elementwise, reduction, optimizer, other; `kernel_category`)
 and the top kernels, in ms per step. `--compile` adds the same training step with `torch.compile(network)`
 (default mode): compile time (the first step's wall time), step time after warm-up, peak memory and graph
-breaks; on a GPU its Mamba layers use the scan our trainers take under nnUNet_compile (`backend_for_compile`:
-Triton, which compiles into the graph); a network that fails to compile gets the error in its row.
+breaks; on a GPU its Mamba layers use the scan our trainers compile with (`backend_for_compile`: Triton, which
+compiles into the graph); a network that fails to compile gets the error in its row.
 """
 
 from __future__ import annotations
@@ -438,8 +438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"the top {TOP_KERNELS} kernels, in ms per step (CUDA kernels' device time; on the CPU the "
                         "ops' self CPU time)")
     parser.add_argument("--compile", action="store_true", help="also time the training step with "
-                        "torch.compile(network) (default mode), as nnUNetv2_train runs it on CUDA: step time and speed-up over eager, compile time (the "
-                        "first step), peak memory, graph breaks; a network that fails to compile shows the error")
+                        "torch.compile(network) (default mode), as nnUNetv2_train runs it on CUDA: step time and "
+                        "speed-up over eager, compile time (the first step), peak memory, graph breaks; a network "
+                        "that fails to compile shows the error")
     parser.add_argument("-o", "--output", help="write the results as JSON here")
 
 
@@ -530,7 +531,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(describe_backend(device))
     compiled_backend = backend_for_compile(device) if args.compile else None
-    if compiled_backend is not None:  # as our trainers do under nnUNet_compile
+    if compiled_backend is not None:  # as our trainers do when they compile
         print(f"torch.compile: {describe_backend(device, compiled_backend)}")
     results = []
     for name, trainer, row_configuration in rows:

@@ -118,11 +118,12 @@ def check_compile() -> Check:
     import torch
 
     from nnunet_segmamba.mamba import backends
+    from nnunet_segmamba.training.base import compile_requested
 
     value = os.environ.get("nnUNet_compile")
     if not torch.cuda.is_available():
         return Check("torch.compile", "ok", "off here: nnU-Net compiles only on CUDA")
-    if value is not None and value.lower() not in ("true", "1", "t"):
+    if value is not None and not compile_requested():
         return Check("torch.compile", "ok", f"off (nnUNet_compile={value}): eager training")
     ops, reason = backends.GPU_OPS[backends.COMPILED_BACKEND](0)
     if ops is None:
