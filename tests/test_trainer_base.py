@@ -60,7 +60,7 @@ def test_the_log_says_whether_and_why_the_network_compiles(monkeypatch):
     on = base.describe_compile(True, "triton")
     assert on.startswith("torch.compile: on (nnU-Net's default; nnUNet_compile=0 turns it off); Mamba scan backend "
                          "triton: it compiles into the graph")
-    assert "1.54x (SegMamba-V2)" in on
+    assert base.COMPILE_EVIDENCE in on
     monkeypatch.setenv("nnUNet_compile", "0")
     assert base.describe_compile(False, None).startswith("torch.compile: off (nnUNet_compile=0; unset it to compile)")
 
