@@ -164,6 +164,9 @@ def test_profile_and_compile_on_cpu(tmp_path, capsys):
     else:
         assert compiled["step_ms"] > 0 and compiled["compile_s"] > 0 and compiled["graph_breaks"] == 0
         assert compiled_row.split()[:2] == ["nnUNetTrainer", f"{compiled['step_ms']:.1f}"]
+        # the compiled step profiled too: where nnUNetv2_train's default step spends its time
+        assert list(compiled["profile"]["categories"]) == list(CATEGORIES) and compiled["profile"]["total_ms"] > 0
+        assert "nnUNetTrainer (torch.compile): " in out
 
 
 def test_compiled_step_runs_the_mamba_layers_on_the_compile_backend():

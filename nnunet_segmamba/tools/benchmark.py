@@ -244,10 +244,11 @@ def _one_line(error: Exception, width: int = 200) -> str:
 
 
 def compiled_training(make_step: Callable, network, device, warmup: int, repeats: int,
-                      backend: str | None = None) -> dict:
+                      backend: str | None = None, profile: bool = False) -> dict:
     """`make_step`'s training step of `torch.compile(network)` (default mode), its Mamba layers on scan `backend`
     (None: as chosen for eager): compile time (the first step's wall seconds), median step ms after warm-up, peak
-    GiB, graph breaks and their reasons; {"error": line} if compiling or running fails."""
+    GiB, graph breaks and their reasons, with `profile` profile_training's dict; {"error": line} if compiling or
+    running fails."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -264,6 +265,7 @@ def compiled_training(make_step: Callable, network, device, warmup: int, repeats
         compile_s = time.perf_counter() - begin
         step_ms = _timer(device)(step, warmup, repeats)
         peak = _peak(device, step)
+        profiled = {"profile": profile_training(step, device)} if profile else {}
     except Exception as error:  # any failure of dynamo, inductor or the compiled code becomes the row's error
         return {"error": _one_line(error)}
     finally:
@@ -271,7 +273,7 @@ def compiled_training(make_step: Callable, network, device, warmup: int, repeats
         use_backend(network, None)
     reasons = counters["graph_break"]
     return {"step_ms": step_ms, "compile_s": compile_s, "peak_gib": peak, "graph_breaks": sum(reasons.values()),
-            "graph_break_reasons": sorted({reason.splitlines()[0] for reason in reasons})}
+            "graph_break_reasons": sorted({reason.splitlines()[0] for reason in reasons}), **profiled}
 
 
 def _autocast(device, dtype):
@@ -305,8 +307,8 @@ def training_step(network, x, targets: list, device, dtype) -> Callable[[], None
 def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, in_channels: int, num_classes: int,
                       device, amp: str, warmup: int, repeats: int, *, profile: bool = False,
                       compiled: bool = False, compiled_backend: str | None = None) -> Result:
-    """Times one network; `network` has deep supervision on. `profile`: also profile_training; `compiled`: also
-    compiled_training on scan `compiled_backend`."""
+    """Times one network; `network` has deep supervision on. `profile`: also profile_training (of the compiled
+    step too); `compiled`: also compiled_training on scan `compiled_backend`."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -347,7 +349,7 @@ def benchmark_network(trainer_name: str, network, patch_size, batch_size: int, i
     if profile:
         result.profile = profile_training(train_step, device)
     if compiled:
-        result.compiled = compiled_training(make_step, network, device, warmup, repeats, compiled_backend)
+        result.compiled = compiled_training(make_step, network, device, warmup, repeats, compiled_backend, profile)
     return result
 
 
@@ -436,7 +438,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help=f"also profile {PROFILE_STEPS} training steps of each "
                         "network with torch.profiler: time per kernel category (scan, convolution, matmul, ...) and "
                         f"the top {TOP_KERNELS} kernels, in ms per step (CUDA kernels' device time; on the CPU the "
-                        "ops' self CPU time)")
+                        "ops' self CPU time); with --compile the compiled step's too")
     parser.add_argument("--compile", action="store_true", help="also time the training step with "
                         "torch.compile(network) (default mode), as nnUNetv2_train runs it on CUDA: step time and "
                         "speed-up over eager, compile time (the first step), peak memory, graph breaks; a network "
@@ -461,12 +463,12 @@ def format_table(results: list[Result], reference: Result) -> str:
     return "\n".join(lines)
 
 
-def format_profile(result: Result) -> str:
-    """`result.profile` as a table of categories (ms per step, % of the profiled total) and the top kernels."""
-    profile = result.profile
+def format_profile(trainer: str, profile: dict, step_ms: float) -> str:
+    """A profile_training dict as a table of categories (ms per step, % of the profiled total) and the top
+    kernels; `step_ms`: the timed step."""
     total = profile["total_ms"]
-    lines = [f"{result.trainer}: {total:.1f} ms per step of {profile['source']} (timed step {result.train_step_ms:.1f} "
-             f"ms), {profile['steps']} steps profiled",
+    lines = [f"{trainer}: {total:.1f} ms per step of {profile['source']} (timed step {step_ms:.1f} ms), "
+             f"{profile['steps']} steps profiled",
              f"  {'category':<14} {'ms/step':>9} {'%':>6}"]
     lines += [f"  {category:<14} {ms:9.2f} {100 * ms / total if total else 0:6.1f}"
               for category, ms in profile["categories"].items()]
@@ -556,7 +558,11 @@ def main(args: argparse.Namespace) -> int:
     if args.profile:
         for result in results:
             print()
-            print(format_profile(result))
+            print(format_profile(result.trainer, result.profile, result.train_step_ms))
+            if "profile" in (result.compiled or {}):
+                print()
+                print(format_profile(f"{result.trainer} (torch.compile)", result.compiled["profile"],
+                                     result.compiled["step_ms"]))
     if args.compile:
         print()
         print(format_compiled(results))
