@@ -30,6 +30,7 @@ TRAINERS = {"nnUNetTrainerSegMambaV2_ci": nnUNetTrainerSegMambaV2, "nnUNetTraine
             "nnUNetTrainerMambaClinix_ci": nnUNetTrainerMambaClinix,
             "nnUNetTrainerMambaClinixRST_ci": nnUNetTrainerMambaClinixRST}
 RESUMED = "nnUNetTrainerSegMambaV2_resume"
+DDP = "nnUNetTrainerSegMambaV2_ddp"
 BIN = Path(sys.executable).parent
 
 
@@ -43,6 +44,7 @@ def workspace(tmp_path_factory):
     # short-budget subclasses of our trainers, in a folder of their own (as a user's custom trainers would be)
     variants = {name: (base, SHORT_RUN) for name, base in TRAINERS.items()}
     variants[RESUMED] = (nnUNetTrainerSegMambaV2, {**SHORT_RUN, "num_epochs": 3, "save_every": 1})
+    variants[DDP] = (nnUNetTrainerSegMambaV2, {**SHORT_RUN, "num_epochs": 4, "num_iterations_per_epoch": 20})
     write_variants_module(root / "ci_trainers", "ci_trainers", variants)
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     env.update({k: str(v) for k, v in folders.items()})
@@ -202,6 +204,27 @@ def test_compiled_training_validates_and_predicts(preprocessed, tmp_path, traine
     assert sorted(p.name for p in predictions.glob("*.nii.gz")) == ["E2E_006.nii.gz", "E2E_007.nii.gz"]
     assert "Using torch.compile" in predicted.stdout
     assert "unsuccessful" not in predicted.stdout  # nnU-Net retries a failed prediction with results on the CPU
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_train_with_ddp(preprocessed, tmp_path):
+    """nnUNetv2_train -num_gpus 2: nnU-Net spawns one DDP worker per GPU, each finds our trainer through
+    nnUNet_extTrainer; the loss falls as on one GPU. Prints the epoch times of both (same global batch)."""
+    root, env = preprocessed
+    runs = {}
+    for gpus in (1, 2):
+        run_env = {**env, "nnUNet_results": str(tmp_path / f"results_{gpus}")}
+        result = stock((root, run_env), f"nnUNetv2_train {DATASET} 3d_fullres 0 -tr {DDP} -num_gpus {gpus}")
+        fold = tmp_path / f"results_{gpus}" / f"Dataset{DATASET}_E2E" / f"{DDP}__nnUNetPlans__3d_fullres" / "fold_0"
+        runs[gpus] = (result.stdout, torch.load(fold / "checkpoint_final.pth", weights_only=False)["logging"])
+    stdout, logging = runs[2]
+    assert "I am local rank 1. 2 GPUs are available. The world size is 2." in stdout
+    for gpus, (_, log) in runs.items():
+        epochs = [end - start for start, end in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+        print(f"{gpus} GPU(s): train losses {[round(x, 4) for x in log['train_losses']]}, epoch seconds "
+              f"{[round(x, 2) for x in epochs]}")
+        assert log["train_losses"][-1] < log["train_losses"][0], (gpus, log["train_losses"])
 
 
 def test_our_plans_train_with_the_stock_cli(preprocessed):
