@@ -124,11 +124,12 @@ def points_from_benchmark(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def compiled_peaks(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{network class: eager and compiled peak at the run's patch and batch} from one `nnunet-segmamba benchmark
     --compile -o` file (GPU runs only)."""
-    if payload.get("gpu") is None or not any(r.get("compiled") for r in payload["results"]):
+    measured = [r for r in payload["results"] if "peak_gib" in (r.get("compiled") or {})]  # not failed compiles
+    if payload.get("gpu") is None or not measured:
         raise ValueError("compile factors need a GPU run of `nnunet-segmamba benchmark --compile`")
     return {r["network"]: {"patch_size": payload["patch_size"], "batch_size": payload["batch_size"],
                            "eager_peak_gib": r["train_peak_gib"], "compiled_peak_gib": r["compiled"]["peak_gib"]}
-            for r in payload["results"] if r.get("compiled")}
+            for r in measured}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
