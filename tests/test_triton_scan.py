@@ -76,40 +76,52 @@ def test_matches_pytorch_scan(batch, dim, d_state, length, groups, options):
     compare(random_inputs(batch, dim, d_state, length, groups), options, FP32)
 
 
-def test_several_channel_blocks_and_chunks(monkeypatch):
-    """Channel blocks that split a group (the last one masked) and many short chunks; shorter than a chunk."""
-    monkeypatch.setattr(triton_scan, "MAX_BLOCK_D", 4)
-    monkeypatch.setattr(triton_scan, "CHUNK", 16)
+def test_several_channel_blocks_and_tiles(monkeypatch):
+    """Channel blocks that split a group (the last one masked) and many short tiles; shorter than a tile."""
+    monkeypatch.setattr(triton_scan, "BLOCK_D", 4)
+    monkeypatch.setattr(triton_scan, "TILE", 2)
+    monkeypatch.setattr(triton_scan, "TILES", 4)
     compare(random_inputs(2, 12, 4, 37, 2), True, FP32)  # 6 channels per group: blocks of 4 and 2
-    compare(random_inputs(1, 12, 4, 9, 2), False, FP32)  # one partial chunk
+    compare(random_inputs(1, 12, 4, 1, 2), False, FP32)  # one token
 
 
-@pytest.mark.parametrize("partial_sums", [1, 4, 64])
-def test_channel_blocks_add_db_dc_into_shared_slices(monkeypatch, partial_sums):
-    """dB and dC of 6 one-channel blocks per group added atomically into 1 slice, 4 slices (blocks 0 and 4, 1
-    and 5 share one) or one slice each; in parallel segments too."""
-    monkeypatch.setattr(triton_scan, "MAX_BLOCK_D", 1)
-    monkeypatch.setattr(triton_scan, "PARTIAL_SUMS", partial_sums)
-    monkeypatch.setattr(triton_scan, "CHUNK", 16)
-    monkeypatch.setattr(triton_scan, "MIN_SEGMENT_CHUNKS", 2)
+def test_channel_blocks_add_db_dc_into_one_sum(monkeypatch):
+    """dB and dC of 3 two-channel blocks per group added atomically into one fp32 sum, in parallel segments too."""
+    monkeypatch.setattr(triton_scan, "BLOCK_D", 2)
+    monkeypatch.setattr(triton_scan, "TILES", 2)
+    monkeypatch.setattr(triton_scan, "MIN_SEGMENT_BLOCKS", 2)
     monkeypatch.setattr(triton_scan, "PROGRAMS_PER_SM", 64)
     tensors = random_inputs(2, 12, 4, 70, 2)
     grid, _ = triton_scan._launch_config(*(tensors[i].detach() for i in (0, 2, 3)))
-    assert grid[1] == 6 and grid[2] > 1
+    assert grid[1] == 3 and grid[2] > 1
     compare(tensors, True, FP32)
 
 
 @pytest.mark.parametrize("groups,options", [(1, True), (2, False)])
 def test_segments_scanned_in_parallel(monkeypatch, groups, options):
     """Sequences split into segments (summary pass, carry between segments, full pass; forward and
-    backward), the last segment shorter: 10 chunks of 16 in segments of 4, 4 and 2."""
-    monkeypatch.setattr(triton_scan, "CHUNK", 16)
-    monkeypatch.setattr(triton_scan, "MIN_SEGMENT_CHUNKS", 3)
+    backward), the last segment shorter: 10 blocks of 16 tokens in segments of 4, 4 and 2."""
+    monkeypatch.setattr(triton_scan, "TILE", 4)
+    monkeypatch.setattr(triton_scan, "TILES", 4)
+    monkeypatch.setattr(triton_scan, "MIN_SEGMENT_BLOCKS", 3)
     monkeypatch.setattr(triton_scan, "PROGRAMS_PER_SM", 64)
     tensors = random_inputs(2, 8, 4, 155, groups)
     grid, sizes = triton_scan._launch_config(*(tensors[i].detach() for i in (0, 2, 3)))
-    assert grid[2] == 3 and sizes["seg_chunks"] == 4 and sizes["n_chunks"] == 10
+    assert grid[2] == 3 and sizes["seg_blocks"] == 4 and sizes["n_blocks"] == 10
     compare(tensors, options, FP32)
+
+
+def test_token_major_inputs_run_without_copies():
+    """(batch, dim, L) views of (batch, L, dim) tensors, and B, C likewise: same results, and the output and the
+    gradients keep that layout (the kernels read and write it through strides)."""
+    tensors = random_inputs(2, 6, 4, 37, 3)
+    token_major = [t.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+                   if t.dim() > 2 else t for t in tensors]
+    compare(token_major, True, FP32)
+    u, delta, A, B, C, D, z, bias = token_major
+    out = triton_scan.triton_selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    du, dB = torch.autograd.grad(out, (u, B), torch.ones_like(out))
+    assert out.stride(1) == 1 and du.stride(1) == 1 and dB.stride(2) == 1
 
 
 def test_bfloat16_inputs():
@@ -127,7 +139,7 @@ from nnunet_segmamba.mamba import triton_scan
 meta = dict(device="meta")  # the launch sizes of a Mamba layer: 384 channels, d_state 16
 _, sizes = triton_scan._launch_config(torch.empty(2, 384, 4096, **meta), torch.empty(384, 16, **meta),
                                       torch.empty(2, 1, 16, 4096, **meta))
-blocks = {name: sizes[name] for name in ("CHUNK", "BLOCK_D", "BLOCK_N")}
+blocks = {name: sizes[name] for name in ("TILE", "TILES", "BLOCK_D", "BLOCK_N")}
 bf16 = {"u", "delta", "B", "C", "z", "out", "dout", "du", "ddelta", "dz"}  # A, D, bias, buffers: fp32
 target, options = GPUTarget("cuda", 90, 32), dict(num_warps=triton_scan.NUM_WARPS)
 
@@ -142,7 +154,7 @@ for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
     for summary in (True, False):
         for flags in (True, False):
             build(kernel, dict(SUMMARY=summary, HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags,
-                                 **blocks), {*sizes, "n_partials"})
+                                 **blocks), {*sizes, "channel_stride", "token_stride", "state_stride", "bc_token_stride"})
 for reverse in (True, False):
     build(triton_scan._carry_kernel, dict(REVERSE=reverse, BLOCK_D=blocks["BLOCK_D"], BLOCK_N=blocks["BLOCK_N"]),
             {"dim", "d_state", "n_segments"})

@@ -17,8 +17,8 @@ from nnunet_segmamba.mamba import backend_for_compile, describe_backend, use_bac
 from nnunet_segmamba.networks.plans import build_network
 
 COMPILE_EVIDENCE = (
-    "H200, 128^3 plan, batch 2, Triton scan (BENCHMARKS.md): training steps 1.58x (SegMamba-V2), 1.23x (SegMamba), "
-    "1.66x (MambaClinix) faster than eager, 107-119 s to compile, no graph breaks"
+    "H200, 128^3 plan, batch 2, Triton scan (BENCHMARKS.md): training steps 1.54x (SegMamba-V2), 1.27x (SegMamba), "
+    "1.65x (MambaClinix) faster than eager, 103-125 s to compile, no graph breaks"
 )
 """Why our trainers compile by default, as nnU-Net's own do (nnUNet_compile=0 turns it off)."""
 
