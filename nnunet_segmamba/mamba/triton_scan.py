@@ -337,6 +337,7 @@ def _backward_kernel(
                     u_t = _load_tile(u + x_base, tokens, token_stride, valid, channels, d_mask)
                     B_t = _load_tile(B + bc_base, tokens, bc_token_stride, valid, states, n_mask)
                     h = _row(_states(_decay(dt, A_tile), _drive(dt, u_t, B_t), h), TILE - 1, TILE)
+            tl.debug_barrier()  # scratch is read below in the layout Triton picks: other lanes, if it differs
         for j in range(TILES):
             k = TILES - 1 - j
             tokens = (c * TILES + k) * TILE + rows
