@@ -6,6 +6,7 @@ its functions are interpreted. On a machine with a GPU this module is skipped: `
 compiled kernels against the same scan.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -144,10 +145,15 @@ bf16 = {"u", "delta", "B", "C", "z", "out", "dout", "du", "ddelta", "dz"}  # A, 
 target, options = GPUTarget("cuda", 90, 32), dict(num_warps=triton_scan.NUM_WARPS)
 
 
+shuffles = {}  # shfl.sync instructions in the PTX of each SUMMARY kernel: its scans move no data between lanes
+
+
 def build(kernel, constexprs, integers):
     signature = {name: "constexpr" if name in constexprs else "i32" if name in integers
                  else "*bf16" if name in bf16 else "*fp32" for name in kernel.arg_names}
-    triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=target, options=options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=target, options=options)
+    if constexprs.get("SUMMARY"):
+        shuffles[kernel.__name__] = max(shuffles.get(kernel.__name__, 0), compiled.asm["ptx"].count("shfl.sync"))
 
 
 for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
@@ -158,14 +164,21 @@ for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
 for reverse in (True, False):
     build(triton_scan._carry_kernel, dict(REVERSE=reverse, BLOCK_D=blocks["BLOCK_D"], BLOCK_N=blocks["BLOCK_N"]),
             {"dim", "d_state", "n_segments"})
+print(shuffles)
 """
 
 
 def test_kernels_compile_for_a_gpu():
     """The interpreter runs the kernels as Python; compiling them to an sm_90 cubin (no GPU needed) checks
-    what it does not: the types of loop-carried values, constexpr branches, ptxas."""
+    what it does not: the types of loop-carried values, constexpr branches, ptxas. And what makes them fast: the
+    scans along the tokens stay inside each lane. The SUMMARY kernels hold no sums over channels, so their few
+    shuffles are the sums over the states of a channel's two lanes; a reverse `tl.associative_scan` along the
+    in-lane token axis made the backward's 326 (BENCHMARKS.md, session 9)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    shuffles = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert set(shuffles) == {"_forward_kernel", "_backward_kernel"}
+    assert max(shuffles.values()) <= 32, shuffles
