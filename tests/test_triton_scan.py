@@ -141,6 +141,7 @@ meta = dict(device="meta")  # the launch sizes of a Mamba layer: 384 channels, d
 _, sizes = triton_scan._launch_config(torch.empty(2, 384, 4096, **meta), torch.empty(384, 16, **meta),
                                       torch.empty(2, 1, 16, 4096, **meta))
 blocks = {name: sizes[name] for name in ("TILE", "TILES", "BLOCK_D", "BLOCK_N")}
+strides = triton_scan._strides(torch.empty(1, 1, 1, **meta), torch.empty(1, 1, 1, 1, **meta))
 bf16 = {"u", "delta", "B", "C", "z", "out", "dout", "du", "ddelta", "dz"}  # A, D, bias, buffers: fp32
 target, options = GPUTarget("cuda", 90, 32), dict(num_warps=triton_scan.NUM_WARPS)
 
@@ -160,7 +161,7 @@ for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
     for summary in (True, False):
         for flags in (True, False):
             build(kernel, dict(SUMMARY=summary, HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags,
-                                 **blocks), {*sizes, "channel_stride", "token_stride", "state_stride", "bc_token_stride"})
+                                 **blocks), {*sizes, *strides})
 for reverse in (True, False):
     build(triton_scan._carry_kernel, dict(REVERSE=reverse, BLOCK_D=blocks["BLOCK_D"], BLOCK_N=blocks["BLOCK_N"]),
             {"dim", "d_state", "n_segments"})

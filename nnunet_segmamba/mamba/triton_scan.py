@@ -9,7 +9,8 @@ For every batch element b, channel d and state n (B and C shared by the channels
 
 Every kernel runs one program (one warp) per (batch, group, block of BLOCK_D channels of the group, segment of
 the sequence): the channels lie across the warp's lanes (two lanes per channel at BLOCK_D 16, splitting its
-states), the states and a tile of TILE consecutive tokens in each lane's registers. u, delta, z, out are (TILE, BLOCK_D) tiles, B and C (TILE, BLOCK_N), and the steps
+states), the states and a tile of TILE consecutive tokens in each lane's registers. u, delta, z, out are
+(TILE, BLOCK_D) tiles, B and C (TILE, BLOCK_N), and the steps
 
     a_t = exp(delta_t * A),   b_t = delta_t * u_t * B_t          (TILE, BLOCK_N, BLOCK_D) tiles
 
@@ -315,7 +316,8 @@ def _backward_kernel(
     start_tiles = ((b * dim + d).to(tl.int64) * n_blocks * d_state)[None, :] + n[:, None]
     seg_tiles = (((b * dim + d).to(tl.int64) * tl.num_programs(2) + seg) * d_state)[None, :] + n[:, None]
     program = (tl.program_id(0) * tl.num_programs(1) + block) * tl.num_programs(2) + seg
-    scratch_tiles = program.to(tl.int64) * TILES * BLOCK_N * BLOCK_D + (n * BLOCK_D)[:, None] + tl.arange(0, BLOCK_D)[None, :]
+    scratch_tiles = (program.to(tl.int64) * TILES * BLOCK_N * BLOCK_D + (n * BLOCK_D)[:, None]
+                     + tl.arange(0, BLOCK_D)[None, :])
     rows = tl.arange(0, TILE)
     carry = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)  # a_{t+1} * dh_{t+1} after the tile's last token
     if not SUMMARY:
@@ -373,7 +375,8 @@ def _backward_kernel(
                 d_dt = tl.sum(d_exponent * A_tile[None, :, :], axis=1) + dh_B * u_t
                 if SOFTPLUS:
                     d_dt = d_dt * tl.sigmoid(raw)
-                _store_tile(du + x_base, tokens, token_stride, valid, channels, d_mask, dh_B * dt + D_vec[None, :] * dy)
+                _store_tile(du + x_base, tokens, token_stride, valid, channels, d_mask,
+                            dh_B * dt + D_vec[None, :] * dy)
                 _store_tile(ddelta + x_base, tokens, token_stride, valid, channels, d_mask, d_dt)
                 _add_tile(dB_sum + bc_base, tokens, bc_token_stride, valid, states, n_mask,
                           tl.sum(dh * (dt * u_t)[:, None, :], axis=2))
