@@ -94,6 +94,22 @@ def test_orders_are_distinct_permutations(orders):
         torch.testing.assert_close(order.scatter(order.gather(tokens), grid), tokens)
 
 
+@pytest.mark.parametrize("orders,grid", [
+    (tom_orders(3), (3, 4, 5)), (plane_orders(3), (2, 5, 3)), (tom_orders(2), (5, 6)), (plane_orders(2), (6, 5)),
+    ((raster_order(1),), (7,)),
+])
+def test_walks_are_the_orders_as_index_arithmetic(orders, grid):
+    """walk(step) is the grid index `gather` reads at each step."""
+    steps = torch.arange(math.prod(grid))
+    for order in orders:
+        assert order.walk(grid)(steps).tolist() == order.positions(grid)
+
+
+def test_walks_cover_at_most_three_axes():
+    with pytest.raises(ValueError, match="1 to 3 axes"):
+        TokenOrder((0, 1, 2, 3)).walk((2, 2, 2, 2))
+
+
 def test_tom_inter_slice_walks_through_slices_first():
     depth, height, width = 4, 3, 5
     inter_slice = tom_orders(3)[2].positions((depth, height, width))

@@ -2,7 +2,8 @@
 
 - ``cuda``: mamba-ssm's selective-scan kernel, and causal-conv1d's kernel when that package is there.
 - ``torch``: the exact PyTorch scan of `scan.py` and ``F.conv1d``; any device.
-- ``triton``: our Triton selective scan (`triton_scan.py`, no compile step) and ``F.conv1d``; CUDA only.
+- ``triton``: our Triton selective scan (`triton_scan.py`, no compile step) and our Triton kernels that read the
+  token orders in place, with the conv1d on the way (`triton_orders.py`); CUDA only.
 
 The choice, in order: the layer's ``backend`` argument, the environment variable
 ``NNUNET_SEGMAMBA_SCAN`` (``auto``, ``cuda``, ``triton`` or ``torch``), then ``auto``: for CUDA tensors the first
@@ -20,12 +21,13 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nnunet_segmamba.mamba.orders import TokenOrder
 from nnunet_segmamba.mamba.scan import selective_scan as torch_selective_scan
 
 BACKEND_ENV = "NNUNET_SEGMAMBA_SCAN"
@@ -51,6 +53,30 @@ class ScanOps:
     """SiLU(causal depthwise conv1d): x (B, C, L), weight (C, 1, K), bias (C,) -> (B, C, L)."""
     selective_scan: Callable[..., Tensor]
     """mamba_ssm's ``selective_scan_fn`` contract (see `scan.selective_scan`)."""
+    ordered_conv1d_silu: Callable[..., Tensor] | None = None
+    """`conv_in_orders` without copies (`triton_orders.ordered_conv1d_silu`); None: gather, then conv1d_silu."""
+    sum_over_orders: Callable[..., Tensor] | None = None
+    """`sum_orders` without copies (`triton_orders.sum_over_orders`); None: the sum of `TokenOrder.scatter`s.
+    Both run eager only: under torch.compile the copies fuse into inductor's kernels, which was as fast at 32^3
+    tokens and faster below (H200, BENCHMARKS.md session 10: 4.1 vs 4.8 ms at 16^3, 3.5 vs 5.8 ms at 8^3)."""
+
+    def conv_in_orders(self, x: Tensor, grid: Sequence[int], orders: Sequence[TokenOrder], weight: Tensor,
+                       bias: Tensor | None) -> Tensor:
+        """SiLU(conv1d_k(order_k(x))) for every order k: x (B, L, C) row-major over grid -> (B, K*C, L)."""
+        if self.ordered_conv1d_silu is not None and not torch.compiler.is_compiling():
+            return self.ordered_conv1d_silu(x, grid, orders, weight, bias)
+        tokens = x.reshape(x.shape[0], *grid, x.shape[-1])
+        sequences = [order.gather(tokens) for order in orders]
+        u = sequences[0].contiguous() if len(sequences) == 1 else torch.cat(sequences, dim=1)
+        return self.conv1d_silu(u, weight, bias)
+
+    def sum_orders(self, y: Tensor, grid: Sequence[int], orders: Sequence[TokenOrder]) -> Tensor:
+        """sum_k order_k.scatter(y_k): y (B, K*C, L), order k in rows k*C... -> (B, L, C) row-major over grid."""
+        if self.sum_over_orders is not None and not torch.compiler.is_compiling():
+            return self.sum_over_orders(y, grid, orders)
+        parts = y.unflatten(1, (len(orders), -1))
+        total = sum(order.scatter(parts[:, k], tuple(grid)) for k, order in enumerate(orders))
+        return total.reshape(y.shape[0], y.shape[-1], parts.shape[2])
 
 
 def conv1d_silu_torch(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -128,10 +154,12 @@ def _cuda_ops(device_index: int) -> tuple[ScanOps | None, str]:
 def _triton_ops(device_index: int) -> tuple[ScanOps | None, str]:
     """Our Triton scan as ScanOps if Triton imports and the kernels run on this GPU, else (None, why not)."""
     try:
+        from nnunet_segmamba.mamba.triton_orders import ordered_conv1d_silu, sum_over_orders
         from nnunet_segmamba.mamba.triton_scan import triton_selective_scan
     except Exception as error:  # no triton in this torch build
         return None, f"Triton could not be imported ({type(error).__name__}: {error})"
-    ops = ScanOps("triton", "Triton selective scan; conv1d in PyTorch", conv1d_silu_torch, triton_selective_scan)
+    ops = ScanOps("triton", "Triton selective scan and token orders", conv1d_silu_torch, triton_selective_scan,
+                  ordered_conv1d_silu, sum_over_orders)
     problem = probe(ops, torch.device("cuda", device_index))
     return (None, problem) if problem else (ops, "")
 
@@ -151,6 +179,9 @@ def probe(ops: ScanOps, device: torch.device) -> str:
     try:
         y = ops.selective_scan(x, x.abs(), A, B, C)
         ops.conv1d_silu(x, torch.ones(2, 1, 4, device=device), None)
+        orders = (TokenOrder((0,)),)  # the kernels that read token orders in place, where a backend has them
+        u = ops.conv_in_orders(x.mT, (40,), orders, torch.ones(2, 1, 4, device=device), None)
+        ops.sum_orders(u, (40,), orders)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as error:  # e.g. "no kernel image is available for execution on the device"

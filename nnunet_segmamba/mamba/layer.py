@@ -76,9 +76,7 @@ class Mamba(nn.Module):
         ops = scan_ops(tokens.device, self.backend)
 
         x, z = self.in_proj(tokens).chunk(2, dim=-1)
-        x = x.reshape(batch, *grid, inner)
-        u = _cat([order.gather(x) for order in self.orders])  # (B, K*inner, L)
-        u = ops.conv1d_silu(u, self.conv1d.weight, self.conv1d.bias)
+        u = ops.conv_in_orders(x, grid, self.orders, self.conv1d.weight, self.conv1d.bias)  # (B, K*inner, L)
 
         projected = torch.einsum(
             "bkdl,kcd->bkcl", u.view(batch, k, inner, length), self.x_proj.weight.view(k, rank + 2 * n, inner)
@@ -89,9 +87,7 @@ class Mamba(nn.Module):
             u, dt.reshape(batch, k * inner, length), -torch.exp(self.A_log.float()), B.contiguous(),
             C.contiguous(), self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
         )
-        y = y.view(batch, k, inner, length)
-        y = sum(order.scatter(y[:, i], grid) for i, order in enumerate(self.orders))
-        return self.out_proj(y.reshape(batch, length, inner) * F.silu(z))
+        return self.out_proj(ops.sum_orders(y, grid, self.orders) * F.silu(z))
 
     def extra_repr(self) -> str:
         orders = ", ".join(f"{o.axes}{' reversed' if o.reverse else ''}" for o in self.orders)
@@ -103,7 +99,3 @@ def use_backend(module: nn.Module, backend: str | None) -> None:
     for layer in module.modules():
         if isinstance(layer, Mamba):
             layer.backend = None if backend is None else requested_backend(backend)
-
-
-def _cat(tensors: list[Tensor]) -> Tensor:
-    return tensors[0].contiguous() if len(tensors) == 1 else torch.cat(tensors, dim=1)

@@ -2,7 +2,8 @@
 
 Tokens are stored row-major over the grid (B, *grid, C). A `TokenOrder` lists the grid axes from
 outermost to innermost and may reverse the sequence; `gather` lays the tokens out in that order,
-channels first, for the scan kernels; `scatter` puts scanned tokens back on the grid.
+channels first, for the scan kernels; `scatter` puts scanned tokens back on the grid. `walk` gives the same
+permutation as index arithmetic (`Walk`), for kernels that read and write the tokens where they lie.
 
 Order sets used by the networks (3D grid axes 0, 1, 2 = D, H, W):
 - `tom_orders`, SegMamba's tri-orientated Mamba: forward raster (D, H, W), its reverse, and the
@@ -19,6 +20,25 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Walk:
+    """A permutation of L indices as arithmetic: index s maps to
+
+        offset + sum_j digit_j(s) * strides[j],
+
+    digit_j(s) the digits of s in the mixed radix `sizes` (outermost first, prod(sizes) = L). Three axes:
+    shorter grids have leading axes of size 1."""
+
+    offset: int
+    sizes: tuple[int, int, int]
+    strides: tuple[int, int, int]
+
+    def __call__(self, s: Tensor) -> Tensor:
+        _, n1, n2 = self.sizes
+        st0, st1, st2 = self.strides
+        return self.offset + s // (n1 * n2) * st0 + s // n2 % n1 * st1 + s % n2 * st2
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,18 @@ class TokenOrder:
         permuted = sequence.unflatten(-1, [grid[a] for a in self.axes])
         inverse = sorted(range(len(self.axes)), key=self.axes.__getitem__)
         return permuted.permute(0, *(i + 2 for i in inverse), 1)
+
+    def walk(self, grid: tuple[int, ...]) -> Walk:
+        """Step of the scan -> row-major grid index of its token (what `gather` reads). Reversed, every digit i
+        of the step becomes size - 1 - i."""
+        if len(self.axes) > 3:
+            raise ValueError(f"A walk covers grids of 1 to 3 axes; this order has {len(self.axes)}: {self.axes}.")
+        pad = 3 - len(self.axes)
+        sizes = (1,) * pad + tuple(grid[a] for a in self.axes)
+        strides = (0,) * pad + tuple(math.prod(grid[a + 1:]) for a in self.axes)
+        if not self.reverse:
+            return Walk(0, sizes, strides)
+        return Walk(sum((n - 1) * st for n, st in zip(sizes, strides)), sizes, tuple(-st for st in strides))
 
     def positions(self, grid: tuple[int, ...]) -> list[int]:
         """Row-major grid index of the token at each step of the scan (for tests and docs)."""
