@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""GPU experiment (not run by CI): the triton backend's token orders read in place (`triton_orders`) against
+gathering copies, side by side in one run.
+
+  .ci/orders-variants.py layer [eager]   Mamba layer fwd+bwd at a 128^3 plan's stages, eager [and compiled]
+
+Variants of the triton backend: in-place (as shipped), gather (copies + ATen conv1d, as in session 9),
+gather-shifted (copies + the conv1d as shifted multiply-adds, which inductor fuses).
+"""
+
+import dataclasses
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nnunet_segmamba.mamba import Mamba, backends, plane_orders, raster_order, tom_orders
+
+LAYERS = [(128, (32, 32, 32), "plane"), (128, (32, 32, 32), "tom"), (256, (16, 16, 16), "plane"),
+          (320, (8, 8, 8), "plane")]
+"""(d_model, token grid, orders) at a 128^3 plan's deep stages; SegMamba's ToM at its first Mamba stage (32^3);
+each plane row also with one order."""
+ORDERS = {"plane": plane_orders(3), "tom": tom_orders(3), "one": (raster_order(3),)}
+
+
+def conv1d_silu_shifted(x, weight, bias):
+    length, taps = x.shape[-1], weight.shape[-1]
+    padded = F.pad(x.float(), (taps - 1, 0))
+    w = weight.float()[:, 0]
+    y = sum(w[:, j, None] * padded[..., j: j + length] for j in range(taps))
+    if bias is not None:
+        y = y + bias.float()[:, None]
+    return F.silu(y).to(x.dtype)
+
+
+def variants(device):
+    shipped, reason = backends.GPU_OPS["triton"](device.index or 0)
+    assert shipped is not None, reason
+    gather = dataclasses.replace(shipped, ordered_conv1d_silu=None, sum_over_orders=None)
+    return {"in-place": shipped, "gather": gather,
+            "gather-shifted": dataclasses.replace(gather, conv1d_silu=conv1d_silu_shifted)}
+
+
+def use(ops):
+    """Every Mamba layer with backend 'triton' (or auto under compile) runs `ops`."""
+    backends.GPU_OPS["triton"] = lambda index: (ops, "")
+    backends._CHOSEN.clear()
+
+
+def median_ms(fn, repeats=20, warmup=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def layer(modes):
+    device = torch.device("cuda")
+    ops = variants(device)
+    cuda_ops, _ = backends.GPU_OPS["cuda"](0)
+    rows = []
+    for d_model, grid, kind in LAYERS:
+        for orders_name in (kind, "one") if kind == "plane" else (kind,):
+            orders = ORDERS[orders_name]
+            torch.manual_seed(0)
+            x = torch.randn(2, grid[0] * grid[1] * grid[2], d_model, device=device, requires_grad=True)
+            base = Mamba(d_model, orders=orders).to(device)
+            runs = [("cuda", "eager", cuda_ops)] if cuda_ops is not None else []
+            runs += [(variant, "eager", o) for variant, o in ops.items()]
+            if orders_name != "one" and "compiled" in modes:
+                runs += [(variant, "compiled", o) for variant, o in ops.items()]
+            for variant, mode, o in runs:
+                use(o)
+                mamba = Mamba(d_model, orders=orders, backend="cuda" if variant == "cuda" else "triton").to(device)
+                mamba.load_state_dict(base.state_dict())
+                fn = torch.compile(mamba) if mode == "compiled" else mamba
+
+                def step():
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = fn(x, grid)
+                    out.float().square().mean().backward()
+                torch._dynamo.reset()
+                began = time.perf_counter()
+                step()
+                first = time.perf_counter() - began
+                ms = median_ms(step)
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                peak = torch.cuda.max_memory_allocated() / 2**20
+                rows.append((d_model, "x".join(map(str, grid)), orders_name, variant, mode, ms, peak, first))
+                print(*rows[-1], flush=True)
+    print("\nMamba layer fwd+bwd, bf16 autocast, batch 2,", torch.cuda.get_device_name())
+    print(f"{'d_model':>7} {'tokens':>8} {'orders':>6} {'variant':>15} {'mode':>8} {'ms':>8} {'peak MiB':>9} "
+          f"{'vs cuda':>8} {'1st s':>6}")
+    reference = {}
+    for d_model, tokens, orders_name, variant, mode, ms, peak, first in rows:
+        if variant == "cuda":
+            reference[(d_model, tokens, orders_name)] = ms
+        ratio = reference.get((d_model, tokens, orders_name), float("nan")) / ms
+        print(f"{d_model:>7} {tokens:>8} {orders_name:>6} {variant:>15} {mode:>8} {ms:8.2f} {peak:9.0f} "
+              f"{ratio:7.2f}x {first:6.1f}")
+
+
+if __name__ == "__main__":
+    assert sys.argv[1] == "layer", __doc__
+    layer(sys.argv[2:] or ["eager", "compiled"])
