@@ -2,12 +2,18 @@
 outputs and every gradient. Without a GPU through Triton's interpreter (see test_triton_scan.py); on a GPU
 with the compiled kernels."""
 
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from nnunet_segmamba.mamba import plane_orders, raster_order, tom_orders  # noqa: E402
+from nnunet_segmamba.mamba import Mamba, layer, plane_orders, raster_order, tom_orders  # noqa: E402
 from nnunet_segmamba.mamba.backends import TORCH_OPS  # noqa: E402
 from nnunet_segmamba.mamba.triton_orders import BLOCK_C, BLOCK_L, ordered_conv1d_silu, sum_over_orders  # noqa: E402
 
@@ -79,11 +85,6 @@ def test_half_precision_inputs_keep_their_dtype_and_accumulate_in_fp32():
 
 def test_a_layer_with_the_triton_orders_equals_the_torch_backend(monkeypatch):
     """The layer's wiring of the two kernels: its output and gradients as with gathering copies."""
-    import dataclasses
-
-    from nnunet_segmamba.mamba import Mamba, layer
-    from nnunet_segmamba.mamba.backends import TORCH_OPS
-
     in_place = dataclasses.replace(TORCH_OPS, ordered_conv1d_silu=ordered_conv1d_silu, sum_over_orders=sum_over_orders)
     torch.manual_seed(0)
     mamba = Mamba(12, d_state=4, orders=plane_orders(3), backend="torch").to(DEVICE)
@@ -118,11 +119,6 @@ for kernel, flags in ((k._into_order_kernel, ("HAS_WEIGHT", "HAS_BIAS", "SILU"))
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests above compile them")
 def test_kernels_compile_for_a_gpu():
     """Compiled to an sm_90 cubin without a GPU: what the interpreter does not check (types, constexpr branches)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
@@ -132,11 +128,6 @@ def test_kernels_compile_for_a_gpu():
 
 def test_compiled_layers_gather_the_orders_instead(monkeypatch):
     """Under torch.compile the layer takes the gathering path (inductor fuses its copies), eager the kernels."""
-    import dataclasses
-
-    from nnunet_segmamba.mamba import Mamba, layer
-    from nnunet_segmamba.mamba.backends import TORCH_OPS
-
     calls = []
 
     def counted(fn):

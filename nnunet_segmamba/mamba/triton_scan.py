@@ -47,9 +47,9 @@ start, and a_t h_{t-1} = h_t - b_t. The adjoint runs backwards,
 
 the same step composition scanned from the tile's last token back (`_reverse_scan`) over (a_{t+1}, C_t dy_t),
 where the tile's last token takes a = 1 and the carry a_{t+1} dh_{t+1} from the later tile is added as
-dh_t += Q_t * carry (Q_t = a_{t+1} ... a_last). Between segments the carry follows the same kind of recurrence, carry_in =
-exp(A * S) carry_out + K (K: the carry a segment passes on from a zero carry), so with several segments a
-SUMMARY pass (K only: no states) and `_carry_kernel` in reverse come first, as in the forward. Then per token
+dh_t += Q_t * carry (Q_t = a_{t+1} ... a_last). Between segments the carry follows the same kind of recurrence,
+carry_in = exp(A * S) carry_out + K (K: the carry a segment passes on from a zero carry), so with several segments
+a SUMMARY pass (K only: no states) and `_carry_kernel` in reverse come first, as in the forward. Then per token
 
     g_t = dh_t * exp(delta_t A) * h_{t-1}              (gradient of the exponent delta_t * A)
     du_t = delta_t * sum_n dh_t B_t + D * dy_t
