@@ -3,10 +3,6 @@ outputs and every gradient. Without a GPU through Triton's interpreter (see test
 with the compiled kernels."""
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +12,7 @@ pytest.importorskip("triton")
 from nnunet_segmamba.mamba import Mamba, layer, plane_orders, raster_order, tom_orders  # noqa: E402
 from nnunet_segmamba.mamba.backends import TORCH_OPS  # noqa: E402
 from nnunet_segmamba.mamba.triton_orders import BLOCK_C, BLOCK_L, ordered_conv1d_silu, sum_over_orders  # noqa: E402
+from tests.triton_compiler import compile_without_gpu  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -119,11 +116,7 @@ for kernel, flags in ((k._into_order_kernel, ("HAS_WEIGHT", "HAS_BIAS", "SILU"))
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests above compile them")
 def test_kernels_compile_for_a_gpu():
     """Compiled to an sm_90 cubin without a GPU: what the interpreter does not check (types, constexpr branches)."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    compile_without_gpu(COMPILE_FOR_H100)
 
 
 def test_compiled_layers_gather_the_orders_instead(monkeypatch):

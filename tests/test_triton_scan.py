@@ -8,9 +8,6 @@ compiled kernels against the same scan.
 
 import ast
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from nnunet_segmamba.mamba import scan, triton_scan  # noqa: E402
+from tests.triton_compiler import compile_without_gpu  # noqa: E402
 
 
 def test_kernels_run_in_the_interpreter():
@@ -175,11 +173,6 @@ def test_kernels_compile_for_a_gpu():
     scans along the tokens stay inside each lane. The SUMMARY kernels hold no sums over channels, so their few
     shuffles are the sums over the states of a channel's two lanes; a reverse `tl.associative_scan` along the
     in-lane token axis made the backward's 326 (BENCHMARKS.md, session 9)."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    shuffles = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    shuffles = ast.literal_eval(compile_without_gpu(COMPILE_FOR_H100).strip().splitlines()[-1])
     assert set(shuffles) == {"_forward_kernel", "_backward_kernel"}
     assert max(shuffles.values()) <= 32, shuffles
