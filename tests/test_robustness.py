@@ -29,6 +29,7 @@ def make_trainer(tmp_path, monkeypatch):
     """A trainer of ours on a tiny 3d configuration (nothing trained, no data needed)."""
     for name in ("nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(name, str(tmp_path / name))
+    monkeypatch.setenv("NNUNET_SEGMAMBA_LATERAL", "off")  # no preprocessed cases to read the left-right axis from
 
     def make(trainer_class=nnUNetTrainerSegMambaV2, labels=LABELS):
         configuration = nnunet_plans.configuration([16, 32, 32], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],

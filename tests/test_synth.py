@@ -4,12 +4,13 @@ import json
 
 import numpy as np
 import pytest
-from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
+from nnunetv2.imageio.nibabel_reader_writer import NibabelIO, NibabelIOWithReorient
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from nnunet_segmamba.cli import main
 from nnunet_segmamba.datasets import raw
 from nnunet_segmamba.datasets.synthetic import LABELS, PRESETS, SyntheticSpec, generate_case, spec_from_preset
+from nnunet_segmamba.lateral.axis import reader_axis
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -54,10 +55,11 @@ def test_written_dataset_reads_back_identically_with_nnunets_readers(tmp_path):
 
     image, label = generate_case(spec, 3 * 100_003 + 1)
     files = [str(folder / "imagesTr" / f"Tiny_001_000{c}.nii.gz") for c in range(2)]
-    for reader in (NibabelIO(), SimpleITKIO()):
+    for reader in (NibabelIO(), SimpleITKIO(), NibabelIOWithReorient()):
         data, properties = reader.read_images(files)
         np.testing.assert_allclose(data, image, rtol=1e-6)
         assert tuple(properties["spacing"]) == pytest.approx(spec.spacing)
+        assert reader_axis(properties) == 2  # W, the side the blobs are labelled by, for every reader
         seg, _ = reader.read_seg(str(folder / "labelsTr" / "Tiny_001.nii.gz"))
         assert np.array_equal(seg[0], label)
 

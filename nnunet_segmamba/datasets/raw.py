@@ -28,9 +28,16 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
 
 
 def write_nifti(array: np.ndarray, spacing: tuple[float, ...], path: Path) -> None:
-    """(D, H, W) array with (D, H, W) spacing, laid out as nnU-Net's readers expect (x fastest)."""
+    """(D, H, W) array with (D, H, W) spacing, laid out as nnU-Net's readers expect (x fastest).
+
+    The affine is diagonal and positive, in RAS: W runs from the patient's left to the right, H from posterior
+    to anterior, D from inferior to superior. Written as both qform and sform (code "scanner"), so that
+    SimpleITKIO, NibabelIO and NibabelIOWithReorient read the same arrays and the same left-right axis (W)."""
     affine = np.diag([*reversed(spacing), 1.0])
-    nibabel.save(nibabel.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), str(path))
+    image = nibabel.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nibabel.save(image, str(path))
 
 
 def _write_case(folder: Path, split: str, case: str, spec: SyntheticSpec, seed: int) -> None:

@@ -3,8 +3,9 @@
 Each case (deterministic from its seed) holds, on a smooth textured background with noise and a
 multiplicative bias field:
 - two identical ellipsoids, labelled ``blob_left`` / ``blob_right`` by the half of the volume they lie
-  in: the label depends on long-range context, not on local appearance (one of them is sometimes absent,
-  so counting does not help);
+  in along W, the left-right axis (low W is the patient's left, as the files' affine says): the label depends
+  on long-range context, not on local appearance (one of them is sometimes absent, so counting does not help).
+  They are a lateral pair: a left-right flip turns one into the other, so mirroring must swap them;
 - ``tube``: a thin, long, curved tubular structure across the volume;
 - ``speck``: a small sphere of a few voxels.
 Shapes are drawn in physical units, so anisotropic spacing gives anisotropic voxel shapes. A 2D

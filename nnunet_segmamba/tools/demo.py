@@ -1,7 +1,8 @@
 """`nnunet-segmamba demo`: the whole product on generated data, through nnU-Net's stock commands.
 
 In its own workspace (nnUNet_raw/preprocessed/results of its own, never the user's): generate a dataset,
-nnUNetv2_plan_and_preprocess, then for nnU-Net's default trainer and each of ours, with a short budget:
+nnUNetv2_plan_and_preprocess, then for nnU-Net's trainer (with our left/right-aware mirroring, as ours: the
+generated blob_left/blob_right are a lateral pair) and each of ours, with a short budget:
 nnUNetv2_train (fold 0), nnUNetv2_predict on the held-out cases, nnUNetv2_evaluate_folder; finally a
 comparison table (test Dice per class and mean, validation Dice, training time, parameters) and a plot.
 """
@@ -27,7 +28,7 @@ MARKER = ".nnunet_segmamba_demo"
 PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
 """The user's values of these never reach the demo's commands (its settings such as nnUNet_def_n_proc do)."""
 DATASET_ID = 990
-TRAINERS = ["nnUNetTrainer", "nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMamba", "nnUNetTrainerMambaClinix"]
+TRAINERS = ["nnUNetTrainerLateral", "nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMamba", "nnUNetTrainerMambaClinix"]
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,43 @@ def check_trainer_hook() -> list[Check]:
     return checks
 
 
+def check_lateral_labels(dataset: str, plans_identifier: str, configuration: str) -> Check:
+    """What our trainers will do with a dataset's left/right label pairs (nnunet_segmamba.lateral)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_segmamba.lateral.axis import read_case_properties
+    from nnunet_segmamba.lateral.mirroring import MODE_VARIABLE, detect, requested_mode
+    from nnunet_segmamba.lateral.pairs import label_pairs
+
+    name = f"lateral labels ({dataset})"
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset)
+        folder = os.path.join(os.environ.get("nnUNet_preprocessed", ""), dataset_name)
+        plans_file = os.path.join(folder, f"{plans_identifier}.json")
+        mode = requested_mode()
+        if not os.path.isfile(plans_file):
+            raw = load_json(os.path.join(os.environ.get("nnUNet_raw", ""), dataset_name, "dataset.json"))
+            pairs = label_pairs(raw)
+            return Check(name, "warn", f"pairs {pairs or 'none'}; the left-right axis is read from the preprocessed "
+                                       f"cases", f"nnUNetv2_plan_and_preprocess -d {dataset}, then doctor again")
+        plans, dataset_json = PlansManager(plans_file), load_json(os.path.join(folder, "dataset.json"))
+        manager = plans.get_configuration(configuration)
+        labels = plans.get_label_manager(dataset_json)
+        cases = os.path.join(folder, manager.data_identifier)
+        lateral = detect(dataset_json, plans.plans, lambda: read_case_properties(cases),
+                         labels.foreground_regions if labels.has_regions else None, mode)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        return Check(name, "FAIL", str(error))
+    if lateral is None:
+        return Check(name, "ok", f"none ({MODE_VARIABLE}={mode}): nnU-Net's mirroring")
+    names = {v: k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
+    pairs = ", ".join(f"{names.get(a, a)}<->{names.get(b, b)}" for a, b in lateral.label_pairs)
+    return Check(name, "ok", f"{pairs}; {lateral.describe(len(manager.patch_size))} of {configuration}, from the "
+                             f"geometry of the preprocessed cases ({MODE_VARIABLE}=exclude|swap|off)")
+
+
 def run_checks() -> list[Check]:
     # the trainer lookup first: nnU-Net's lookup breaks once mamba_ssm has imported transformers (see find_trainer)
     hook = check_trainer_hook()
@@ -180,10 +217,16 @@ def run_checks() -> list[Check]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0].split(": ", 1)[1]
+    parser.add_argument("-d", "--dataset", help="also report a dataset's left/right label pairs and left-right axis "
+                                                "(name or id; preprocessed: nnUNet_preprocessed)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-c", "--configuration", default="3d_fullres", help="configuration (default 3d_fullres)")
 
 
 def main(args: argparse.Namespace) -> int:
     checks = run_checks()
+    if args.dataset:
+        checks.append(check_lateral_labels(args.dataset, args.plans, args.configuration))
     width = max(len(c.name) for c in checks)
     for check in checks:
         print(f"[{check.status:>4}] {check.name:<{width}}  {check.detail}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from nnunet_segmamba.networks.mambaclinix import MambaClinix
 from nnunet_segmamba.training.base import nnUNetTrainerMambaBase
+from nnunet_segmamba.training.lateral import LateralMirroringMixin
 from nnunet_segmamba.training.region_tversky import RegionTverskyLossMixin
 
 
-class nnUNetTrainerMambaClinix(nnUNetTrainerMambaBase):
+class nnUNetTrainerMambaClinix(LateralMirroringMixin, nnUNetTrainerMambaBase):
     """MambaClinix: residual encoder with HGCN blocks on the shallow stages and Mamba layers on the deep ones."""
 
     network_class = MambaClinix

@@ -1,20 +1,21 @@
-"""Trainers of the SegMamba family (nnU-Net's Dice + CE loss, SGD and poly schedule)."""
+"""Trainers of the SegMamba family (nnU-Net's Dice + CE loss, SGD and poly schedule, left/right-aware mirroring)."""
 
 from __future__ import annotations
 
 from nnunet_segmamba.networks.segmamba import SegMamba, SegMambaV2
 from nnunet_segmamba.training.base import nnUNetTrainerMambaBase
+from nnunet_segmamba.training.lateral import LateralMirroringMixin
 from nnunet_segmamba.training.region_tversky import RegionTverskyLossMixin
 from nnunet_segmamba.training.variants import trainer_variant
 
 
-class nnUNetTrainerSegMambaV2(nnUNetTrainerMambaBase):
+class nnUNetTrainerSegMambaV2(LateralMirroringMixin, nnUNetTrainerMambaBase):
     """SegMamba-V2: HSD, tri-orientated spatial Mamba from 1/8 resolution, GSC, FUE."""
 
     network_class = SegMambaV2
 
 
-class nnUNetTrainerSegMamba(nnUNetTrainerMambaBase):
+class nnUNetTrainerSegMamba(LateralMirroringMixin, nnUNetTrainerMambaBase):
     """SegMamba: tri-orientated Mamba (ToM) from 1/4 resolution, GSC, FUE."""
 
     network_class = SegMamba
