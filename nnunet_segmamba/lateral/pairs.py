@@ -41,15 +41,15 @@ def find_name_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
     by_words: dict[tuple[str, ...], list[str]] = {}
     for name in names:
         by_words.setdefault(words(name), []).append(name)
-    pairs, partner_of = [], {}
+    pairs, paired = [], set()
     for name in names:
         partners = [other for key in mirrored_name_words(name) for other in by_words.get(key, []) if other != name]
         if len(partners) > 1:
             raise LateralLabelsError(
                 f"Label {name!r} could pair with each of {partners} as its other side; declare the pairs in "
                 f"dataset.json, e.g. \"{PAIRS_KEY}\": [[{name!r}, {partners[0]!r}]] (or [] for none).")
-        if partners and partners[0] not in partner_of:
-            partner_of[name] = partners[0]
+        if partners and name not in paired:
+            paired.update((name, partners[0]))
             pairs.append(_left_first(name, partners[0]))
     return pairs
 
