@@ -20,7 +20,8 @@ import numpy as np
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_segmamba.datasets.raw import write_raw_dataset
-from nnunet_segmamba.datasets.synthetic import LABELS, spec_from_preset
+from nnunet_segmamba.datasets.synthetic import LABELS
+from nnunet_segmamba.datasets.tasks import task_from_preset
 from nnunet_segmamba.tools.demo import Workspace, run_steps
 from nnunet_segmamba.training.lateral import nnUNetTrainerLateral
 from nnunet_segmamba.training.segmamba import nnUNetTrainerSegMambaV2
@@ -52,7 +53,7 @@ def main() -> None:
     workspace.prepare()
     env = workspace.environment()
     cpus = os.cpu_count() or 2
-    spec = spec_from_preset("iso", shape=tuple(args.shape))
+    spec = task_from_preset("iso", shape=tuple(args.shape))
     raw = write_raw_dataset(workspace.raw, DATASET_ID, "Lateral", spec, args.cases, args.test_cases, seed=7,
                             processes=min(8, cpus))
     budget = {"num_epochs": args.epochs, "num_iterations_per_epoch": args.iterations,

@@ -127,9 +127,10 @@ def generated_cases(count: int = 16, size: int = 64) -> tuple[torch.Tensor, torc
     """Images (count, 1, size^3) and labels (count, size^3) from the synthetic generator, on the GPU."""
     import numpy as np
 
-    from nnunet_segmamba.datasets.synthetic import generate_case, spec_from_preset
+    from nnunet_segmamba.datasets.synthetic import generate_case
+    from nnunet_segmamba.datasets.tasks import task_from_preset
 
-    spec = spec_from_preset("iso", shape=(size, size, size), size_jitter=0.0)
+    spec = task_from_preset("iso", shape=(size, size, size), size_jitter=0.0)
     cases = [generate_case(spec, seed) for seed in range(count)]
     return (torch.from_numpy(np.stack([image for image, _ in cases])).to(CUDA),
             torch.from_numpy(np.stack([label for _, label in cases])).long().to(CUDA))

@@ -9,7 +9,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_segmamba.cli import main
 from nnunet_segmamba.datasets.raw import write_raw_dataset
-from nnunet_segmamba.datasets.synthetic import spec_from_preset
+from nnunet_segmamba.datasets.tasks import task_from_preset
 from nnunet_segmamba.networks.plans import check_patch_size
 from nnunet_segmamba.plans import memory
 from nnunet_segmamba.plans.memory import CALIBRATION_FILE, MemoryModel, fit, load_calibration
@@ -29,7 +29,7 @@ def fingerprinted(tmp_path_factory):
         for name, folder in folders.items():
             folder.mkdir()
             patch.setenv(name, str(folder))
-        write_raw_dataset(folders["nnUNet_raw"], DATASET, "Plan", spec_from_preset("iso", shape=(96, 128, 128)), 4, 0)
+        write_raw_dataset(folders["nnUNet_raw"], DATASET, "Plan", task_from_preset("iso", shape=(96, 128, 128)), 4, 0)
         extract_fingerprints([DATASET], num_processes=1)
     return folders
 
@@ -159,7 +159,7 @@ def test_plan_command_errors_are_one_line(folders, capsys, arguments, message):
 
 
 def test_plan_command_needs_the_fingerprint_and_the_folders(folders, monkeypatch, capsys):
-    write_raw_dataset(folders["nnUNet_raw"], 954, "NoPrint", spec_from_preset("tiny"), 2, 0)
+    write_raw_dataset(folders["nnUNet_raw"], 954, "NoPrint", task_from_preset("tiny"), 2, 0)
     assert main(["plan", "-d", "954", "-pl", "SegMamba"]) == 2
     assert "nnUNetv2_extract_fingerprint -d 954" in capsys.readouterr().out
     monkeypatch.delenv("nnUNet_preprocessed")

@@ -1,6 +1,7 @@
 """Generated datasets: content rules, determinism, nnU-Net's readers, safe writing, the CLI."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,8 +10,10 @@ from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from nnunet_segmamba.cli import main
 from nnunet_segmamba.datasets import raw
-from nnunet_segmamba.datasets.synthetic import LABELS, PRESETS, SyntheticSpec, generate_case, spec_from_preset
+from nnunet_segmamba.datasets.synthetic import LABELS, PRESETS, SyntheticSpec, generate_case
+from nnunet_segmamba.datasets.tasks import TASKS, task_from_preset
 from nnunet_segmamba.lateral.axis import reader_axis
+from nnunet_segmamba.lateral.pairs import find_name_pairs
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -45,7 +48,7 @@ def test_deterministic_from_the_seed():
 
 
 def test_written_dataset_reads_back_identically_with_nnunets_readers(tmp_path):
-    spec = spec_from_preset("aniso", shape=(6, 20, 24), channels=2)
+    spec = task_from_preset("aniso", shape=(6, 20, 24), channels=2)
     folder = raw.write_raw_dataset(tmp_path, 905, "Tiny", spec, n_train=2, n_test=1, seed=3)
     dataset = json.loads((folder / "dataset.json").read_text())
     assert dataset["numTraining"] == 2 and dataset["labels"] == LABELS and len(dataset["channel_names"]) == 2
@@ -89,3 +92,35 @@ def test_cli(tmp_path, capsys, monkeypatch):
     assert main(["synth", "-d", "907", "--raw", str(tmp_path), "--cases", "2"]) == 2
     assert "exists already" in capsys.readouterr().out
     assert main(["synth", "-d", "1000", "--raw", str(tmp_path)]) == 2
+
+
+def test_thin_preset_draws_a_thinner_tube():
+    thick, thin = (generate_case(replace(PRESETS["thin"], tube_radius=r, noise=0.0), 5)[1] for r in (1.5, 1.0))
+    assert 0 < (thin == LABELS["tube"]).sum() < 0.6 * (thick == LABELS["tube"]).sum()
+
+
+def test_brain_cases_are_the_deformed_template_with_lateral_tissue_labels():
+    spec = TASKS["mni"]
+    (image, label), (again, _), (other, _) = (spec.generate(s) for s in (1, 1, 2))
+    assert image.shape == (1, *label.shape) and image.dtype == np.float32 and np.isfinite(image).all()
+    assert np.array_equal(image, again) and not np.array_equal(image, other)
+    counts = np.bincount(label.ravel(), minlength=5)
+    assert counts.min() > 0.02 * label.size  # grey and white matter on both sides
+    assert 0.6 < counts[1] / counts[2] < 1.6 and 0.6 < counts[3] / counts[4] < 1.6  # a symmetric template
+    brain = np.nonzero(label)
+    left = np.isin(label[brain], (1, 3))
+    assert brain[2][left].mean() + 3 < brain[2][~left].mean()  # low W is the patient's left
+    # T1 contrast: white matter brighter than grey matter, both brighter than the background
+    means = [image[0][np.isin(label, values)].mean() for values in ((0,), (1, 2), (3, 4))]
+    assert means[0] < means[1] < means[2]
+    assert set(spec.labels) == {"background", "gray_matter_left", "gray_matter_right", "white_matter_left",
+                                "white_matter_right"}
+    assert find_name_pairs(list(spec.labels)) == [("gray_matter_left", "gray_matter_right"),
+                                                  ("white_matter_left", "white_matter_right")]
+
+
+def test_presets_refuse_settings_they_do_not_have(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no setting shape"):
+        task_from_preset("mni", shape=(8, 8, 8))
+    assert main(["synth", "-d", "908", "--preset", "mni", "--channels", "2", "--raw", str(tmp_path)]) == 2
+    assert "no setting channels" in capsys.readouterr().out and not any(tmp_path.iterdir())

@@ -14,7 +14,7 @@ dataset is a stack of one slice (shape (1, H, W)), as nnU-Net reads 2D NIfTI dat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,12 +32,30 @@ class SyntheticSpec:
     bias_field: float = 0.3
     size_jitter: float = 0.1
     """Each case's shape varies by up to this fraction per axis."""
+    tube_radius: float = 1.5
+    """The tube's radius in voxels of the finest in-plane spacing."""
+    speck_radius: float = 1.6
+    """The speck's radius in voxels along each axis."""
+
+    @property
+    def labels(self) -> dict[str, int]:
+        return LABELS
+
+    @property
+    def channel_names(self) -> dict[str, str]:
+        return {str(c): f"synthetic{c}" for c in range(self.channels)}
+
+    def generate(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """One case: image (channels, D, H, W) float32 and label (D, H, W) uint8."""
+        return generate_case(self, seed)
 
 
 PRESETS: dict[str, SyntheticSpec] = {
     "tiny": SyntheticSpec(shape=(16, 32, 32), spacing=(2.0, 1.0, 1.0), size_jitter=0.0),
     "iso": SyntheticSpec(shape=(48, 48, 48)),
     "aniso": SyntheticSpec(shape=(16, 64, 64), spacing=(3.0, 0.8, 0.8)),
+    "thin": SyntheticSpec(shape=(48, 64, 64), tube_radius=1.0),
+    "demo": SyntheticSpec(shape=(16, 32, 32), size_jitter=0.0, speck_radius=2.5),
     "2d": SyntheticSpec(shape=(1, 96, 96)),
     "twochannel": SyntheticSpec(shape=(32, 48, 48), channels=2),
 }
@@ -66,8 +84,8 @@ def generate_case(spec: SyntheticSpec, seed: int) -> tuple[np.ndarray, np.ndarra
         centre[2] = rng.uniform(extent[2] * low + radius[2], extent[2] * high - radius[2])
         label[_ellipsoid(coords, centre, radius)] = LABELS[side]
 
-    label[_tube(coords, extent, flat, min(spec.spacing[1:]) * 1.5, rng)] = LABELS["tube"]
-    speck_radius = np.array([0.0 if flat else 1.6 * spec.spacing[0], 1.6 * spec.spacing[1], 1.6 * spec.spacing[2]])
+    label[_tube(coords, extent, flat, min(spec.spacing[1:]) * spec.tube_radius, rng)] = LABELS["tube"]
+    speck_radius = spec.speck_radius * np.array([0.0 if flat else spec.spacing[0], *spec.spacing[1:]])
     speck_radius[speck_radius == 0] = np.inf
     label[_ellipsoid(coords, extent * rng.uniform(0.15, 0.85, size=3), speck_radius)] = LABELS["speck"]
 
@@ -118,10 +136,3 @@ def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, amplitude: f
         frequencies = rng.uniform(0.3, 1.5, size=3)
         field += np.cos(2 * np.pi * sum(f * g for f, g in zip(frequencies, grids)) + rng.uniform(0, 2 * np.pi))
     return amplitude * field / 3
-
-
-def spec_from_preset(preset: str, **overrides) -> SyntheticSpec:
-    """A preset with some fields replaced (None values are ignored)."""
-    if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

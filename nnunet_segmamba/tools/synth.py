@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 
-from nnunet_segmamba.datasets.synthetic import PRESETS, spec_from_preset
+from nnunet_segmamba.datasets.tasks import TASKS, task_from_preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Write DatasetXXX_NAME (imagesTr/labelsTr/imagesTs/labelsTs, dataset.json) of generated "
-                          "volumes into nnUNet_raw. Labels: blob_left/blob_right (identical objects told apart by "
-                          "their side of the volume), tube (thin, long), speck (a few voxels).")
+                          "volumes into nnUNet_raw. Shapes (every preset but mni): blob_left/blob_right (identical "
+                          "objects told apart by their side of the volume), tube (thin, long), speck (a few voxels). "
+                          "mni: the MNI152 brain template that nilearn ships, deformed per case, with grey and white "
+                          "matter labels split into left and right.")
     parser.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1..999)")
     parser.add_argument("--name", default=None, help="dataset name (default: Synth<Preset>)")
-    parser.add_argument("--preset", default="iso", choices=sorted(PRESETS), help="shape/spacing/channels preset")
+    parser.add_argument("--preset", default="iso", choices=sorted(TASKS), help="task preset (default iso)")
     parser.add_argument("--cases", type=int, default=20, help="training cases (default 20)")
     parser.add_argument("--test-cases", type=int, default=5, help="test cases with labels (default 5)")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), help="override the preset's shape")
@@ -33,11 +35,11 @@ def main(args: argparse.Namespace) -> int:
     if not raw:
         print("error: nnUNet_raw is not set; export it or pass --raw DIR")
         return 2
-    spec = spec_from_preset(args.preset, shape=tuple(args.shape) if args.shape else None,
-                            spacing=tuple(args.spacing) if args.spacing else None, channels=args.channels)
     name = args.name or f"Synth{args.preset.capitalize()}"
-    print(f"Generating {args.cases} + {args.test_cases} cases of {spec} ...")
     try:
+        spec = task_from_preset(args.preset, shape=tuple(args.shape) if args.shape else None,
+                                spacing=tuple(args.spacing) if args.spacing else None, channels=args.channels)
+        print(f"Generating {args.cases} + {args.test_cases} cases of {spec} ...")
         folder = write_raw_dataset(raw, args.dataset_id, name, spec, args.cases, args.test_cases, args.seed,
                                    args.overwrite, args.processes)
     except (FileExistsError, ValueError, OSError) as error:
