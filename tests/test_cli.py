@@ -12,7 +12,8 @@ from nnunet_segmamba.tools import doctor, environment
 
 PUBLIC_TRAINERS = ["nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMambaV2_250epochs", "nnUNetTrainerSegMambaV2RST",
                    "nnUNetTrainerSegMamba", "nnUNetTrainerSegMamba_250epochs", "nnUNetTrainerMambaClinix",
-                   "nnUNetTrainerMambaClinixRST", "nnUNetTrainerLateral"]
+                   "nnUNetTrainerMambaClinixRST", "nnUNetTrainerLateral", "nnUNetTrainerSegMambaV2NoMamba",
+                   "nnUNetTrainerSegMambaNoMamba", "nnUNetTrainerMambaClinixNoMamba"]
 BIN = Path(sys.executable).parent
 
 

@@ -256,3 +256,63 @@ def test_console_script(tree: dict, tmp_path: Path) -> None:
     failed = subprocess.run([str(script), "compare", "-d", "999", "-tr", "TrainerA"], capture_output=True,
                             text=True, env=os.environ.copy(), timeout=120, cwd=tmp_path)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1
+
+
+def write_model_files(model: Path, configuration: dict) -> None:
+    """The plans.json and dataset.json that nnU-Net copies into a model folder (one 3d_fullres configuration)."""
+    (model / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2,
+                                                    "channel_names": {"0": "x"}, "file_ending": ".nii.gz"}))
+    (model / "plans.json").write_text(json.dumps({
+        "dataset_name": model.parent.name, "plans_name": "nnUNetPlans", "image_reader_writer": "SimpleITKIO",
+        "label_manager": "LabelManager", "configurations": {"3d_fullres": configuration}}))
+
+
+def test_parameter_column(tree: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """params M: the network each trainer builds from its model folder's plans, for nnU-Net's trainer and ours
+    (found through nnUNet_extTrainer); empty for a trainer nnU-Net's lookup does not find, or without plans."""
+    import shutil
+
+    import pandas as pd
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnunet_segmamba.networks.plans import build_network
+    from nnunet_segmamba.networks.segmamba import SegMambaV2
+    from nnunet_segmamba.tools.environment import trainers_folder
+    from tests import nnunet_plans
+
+    monkeypatch.setenv("nnUNet_extTrainer", trainers_folder())
+    ours = "nnUNetTrainerSegMambaV2NoMamba"
+    dataset = Path(os.environ["nnUNet_results"]) / "Dataset501_Alpha"
+    shutil.copytree(dataset / f"TrainerA__{PLANS_CONFIG}", dataset / f"{ours}__{PLANS_CONFIG}")
+    configuration = nnunet_plans.configuration([64] * 3, [[1, 1, 1]] + [[2, 2, 2]] * 3, [[3, 3, 3]] * 4,
+                                               [32, 64, 128, 256])
+    for trainer in ("nnUNetTrainer", "TrainerA", ours):
+        write_model_files(dataset / f"{trainer}__{PLANS_CONFIG}", configuration.configuration)
+
+    def millions(network) -> float:
+        return sum(p.numel() for p in network.parameters()) / 1e6
+
+    plain = millions(get_network_from_plans(configuration.network_arch_class_name,
+                                            configuration.network_arch_init_kwargs,
+                                            configuration.network_arch_init_kwargs_req_import, 1, 3))
+    ablated = millions(build_network(SegMambaV2, configuration, 1, 3, False, mamba=False))
+    assert 1 < ablated < millions(build_network(SegMambaV2, configuration, 1, 3, False)) and plain > 1
+
+    code, output = run_compare(tmp_path, "-tr", "TrainerA", ours)
+    printed = capsys.readouterr().out
+    assert code == 0
+    expected = {"nnUNetTrainer": plain, "TrainerA": None, ours: ablated}
+    for method, value in expected.items():
+        found = overview_row(output, "Dataset501_Alpha", method)["params_m"]
+        assert found is None if value is None else found == pytest.approx(value)
+        assert overview_row(output, "Dataset502_Beta", method)["params_m"] is None  # no plans.json
+    csv = pd.read_csv(output / "overview.csv").query("dataset == 'Dataset501_Alpha'").set_index("method")
+    assert csv["params_m"].to_dict() == pytest.approx({m: v or np.nan for m, v in expected.items()}, nan_ok=True)
+    markdown = (output / "compare.md").read_text()
+    assert "| dataset | method | params M | folds |" in markdown
+    assert f"| Dataset501_Alpha | {ours} | {ablated:.1f} | 5/5 |" in markdown
+    assert "| Dataset501_Alpha | TrainerA |  | 5/5 |" in markdown
+    header = next(line for line in printed.splitlines() if "params M" in line)
+    row = next(line for line in printed.splitlines() if line.split()[:2] == ["Dataset501_Alpha", "nnUNetTrainer"])
+    assert header.split()[:4] == ["dataset", "method", "params", "M"] and row.split()[2] == f"{plain:.1f}"

@@ -94,6 +94,16 @@ class Mamba(nn.Module):
         return f"d_model={self.d_model}, d_state={self.d_state}, expand={self.d_inner // self.d_model}, orders=[{orders}]"
 
 
+class TokenIdentity(nn.Module):
+    """What stands in for `Mamba` in the No-Mamba ablation: no parameters, the tokens unchanged.
+
+    forward: tokens (B, L, d_model), grid (ignored) -> tokens.
+    """
+
+    def forward(self, tokens: Tensor, grid: Sequence[int] | None = None) -> Tensor:
+        return tokens
+
+
 def use_backend(module: nn.Module, backend: str | None) -> None:
     """Set the scan backend of every Mamba layer in `module` (None: the environment's choice, see `backends`)."""
     for layer in module.modules():

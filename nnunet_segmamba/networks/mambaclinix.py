@@ -31,13 +31,13 @@ INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 class MambaClinixEncoder(nn.Module):
     """Stem conv, then per stage s: residual blocks (the first strided by strides[s]) followed by an HGCN
-    block of order s + 2 for s < hgcn_stages, else a residual Mamba layer.
+    block of order s + 2 for s < hgcn_stages, else a residual Mamba layer (its Mamba an identity with mamba=False).
 
     forward: x (B, C_in, *spatial) -> the n_stages stage outputs, shallowest first.
     """
 
     def __init__(self, input_channels: int, plan: UNetPlan, hgcn_stages: int, layer_scale_init: float,
-                 drop_path_rate: float, d_state: int, scan_backend: str | None) -> None:
+                 drop_path_rate: float, d_state: int, scan_backend: str | None, mamba: bool) -> None:
         super().__init__()
         ops = plan.ops
         if not 0 <= hgcn_stages <= plan.n_stages:
@@ -49,7 +49,7 @@ class MambaClinixEncoder(nn.Module):
         for s, (features, kernel, stride, n_blocks) in enumerate(
                 zip(plan.features, plan.kernel_sizes, plan.strides, plan.residual_blocks()[0])):
             if self.mamba_stages[s]:
-                context = ResidualMambaLayer(features, d_state, backend=scan_backend)
+                context = ResidualMambaLayer(features, d_state, backend=scan_backend, mamba=mamba)
             else:  # stochastic depth grows linearly to drop_path_rate at the deepest HGCN stage
                 context = HGCNBlock(features, kernel, s + 2, ops, layer_scale_init,
                                     drop_path_rate * (s + 1) / hgcn_stages)
@@ -154,14 +154,16 @@ class MambaClinix(PlansUNet):
     - layer_scale_init: initial per-channel layer scale of the HGCN branch (HorNet's 1e-6).
     - drop_path_rate: stochastic depth of the deepest HGCN stage (linear from the first); 0 = off.
     - d_state, scan_backend: the Mamba layers' state size and scan implementation.
+    - mamba: False replaces every Mamba layer by an identity without parameters, all else unchanged (the
+      No-Mamba ablation: what the Mamba layers add).
     """
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  hgcn_stages: int | None = None, layer_scale_init: float = 1e-6, drop_path_rate: float = 0.0,
-                 d_state: int = 16, scan_backend: str | None = None, **plans: Any) -> None:
+                 d_state: int = 16, scan_backend: str | None = None, mamba: bool = True, **plans: Any) -> None:
         super().__init__()
         plan = UNetPlan.parse(plans, type(self))
         self.encoder = MambaClinixEncoder(
             input_channels, plan, math.ceil(plan.n_stages / 2) if hgcn_stages is None else hgcn_stages,
-            layer_scale_init, drop_path_rate, d_state, scan_backend)
+            layer_scale_init, drop_path_rate, d_state, scan_backend, mamba)
         self.decoder = MambaClinixDecoder(plan, num_classes, deep_supervision)

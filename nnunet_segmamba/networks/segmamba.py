@@ -35,6 +35,7 @@ def mamba_stage_flags(strides: Sequence[Sequence[int]], mamba_downsampling: int)
 class MambaEncoder(nn.Module):
     """Stage 0: stem conv (+ conv blocks); stage s >= 1: `downsampling` by strides[s], then conv blocks,
     or TSMamba blocks on the stages `mamba_stage_flags` selects; plan.blocks[s] blocks per stage.
+    mamba=False: the TSMamba blocks' mixers are identities (the No-Mamba ablation).
 
     forward: x (B, C_in, *spatial), spatial divisible by the total stride -> the stage outputs,
     shallowest first, all but the deepest passed through FUE (they are the decoder's skips).
@@ -42,20 +43,21 @@ class MambaEncoder(nn.Module):
 
     def __init__(self, input_channels: int, plan: UNetPlan, downsampling: type[nn.Module],
                  orders: Sequence[TokenOrder], mamba_downsampling: int, stem_kernel_size: int | None = None,
-                 mlp_ratio: float = 2.0, d_state: int = 16, scan_backend: str | None = None) -> None:
+                 mlp_ratio: float = 2.0, d_state: int = 16, scan_backend: str | None = None,
+                 mamba: bool = True) -> None:
         super().__init__()
         ops = plan.ops
         self.mamba_stages = mamba_stage_flags(plan.strides, mamba_downsampling)
         stem_kernel = [k if stem_kernel_size is None or k == 1 else stem_kernel_size for k in plan.kernel_sizes[0]]
         stages, channels = [], input_channels
-        for s, (features, kernel, stride, n_blocks, mamba) in enumerate(
+        for s, (features, kernel, stride, n_blocks, tsmamba) in enumerate(
                 zip(plan.features, plan.kernel_sizes, plan.strides, plan.blocks, self.mamba_stages)):
             if s == 0:
-                entry, n_body = ops.conv_norm_act(channels, features, stem_kernel, stride), n_blocks - (not mamba)
+                entry, n_body = ops.conv_norm_act(channels, features, stem_kernel, stride), n_blocks - (not tsmamba)
             else:
                 entry, n_body = downsampling(channels, features, stride, ops), n_blocks
-            body = [TSMambaBlock(features, kernel, ops, orders, mlp_ratio, d_state, backend=scan_backend) if mamba
-                    else ops.conv_norm_act(features, features, kernel) for _ in range(n_body)]
+            body = [TSMambaBlock(features, kernel, ops, orders, mlp_ratio, d_state, backend=scan_backend, mamba=mamba)
+                    if tsmamba else ops.conv_norm_act(features, features, kernel) for _ in range(n_body)]
             stages.append(nn.Sequential(entry, *body))
             channels = features
         self.stages = nn.ModuleList(stages)
@@ -96,6 +98,8 @@ class MambaUNet(PlansUNet):
     - mamba_downsampling: stages downsampled at least this much (largest axis) use TSMamba blocks;
       default: the class's `default_mamba_downsampling`.
     - mlp_ratio, d_state, scan_backend: the TSMamba blocks' MLP width, state size and scan backend.
+    - mamba: False replaces every Mamba mixer by an identity without parameters, all else unchanged (the
+      No-Mamba ablation: what the Mamba layers add).
 
     Subclasses set the class attributes below.
     """
@@ -107,13 +111,13 @@ class MambaUNet(PlansUNet):
 
     def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
                  mamba_downsampling: int | None = None, mlp_ratio: float = 2.0, d_state: int = 16,
-                 scan_backend: str | None = None, **plans: Any) -> None:
+                 scan_backend: str | None = None, mamba: bool = True, **plans: Any) -> None:
         super().__init__()
         plan = UNetPlan.parse(plans, type(self))
         self.encoder = MambaEncoder(
             input_channels, plan, self.downsampling, self.scan_orders(plan.ops.ndim),
             self.default_mamba_downsampling if mamba_downsampling is None else mamba_downsampling,
-            self.stem_kernel_size, mlp_ratio, d_state, scan_backend)
+            self.stem_kernel_size, mlp_ratio, d_state, scan_backend, mamba)
         self.decoder = UNetDecoder(self.encoder, num_classes, plan.decoder_blocks, deep_supervision)
 
 

@@ -2,7 +2,8 @@
 
 Reads each fold's validation summary under $nnUNet_results (and optionally scores test-set predictions),
 prints a table and writes Markdown, CSV, JSON and plots: foreground and per-class Dice with their spread,
-ranks per dataset and mean ranks, and paired Wilcoxon tests against a baseline with Holm's correction.
+ranks per dataset and mean ranks, paired Wilcoxon tests against a baseline with Holm's correction, and each
+network's parameter count.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SPLIT_TITLES = {"cv": "Cross-validation", "test": "Test set"}
-COLUMNS = {"dataset": "dataset", "method": "method", "folds": "folds", "cases": "cases", "dice": "Dice",
-           "std_cases": "sd cases", "std_folds": "sd folds", "rank": "rank", "mean_diff": "Δ baseline",
+COLUMNS = {"dataset": "dataset", "method": "method", "params_m": "params M", "folds": "folds", "cases": "cases",
+           "dice": "Dice", "std_cases": "sd cases", "std_folds": "sd folds", "rank": "rank", "mean_diff": "Δ baseline",
            "pairs": "pairs", "p": "p", "p_holm": "p Holm"}
 
 
@@ -112,7 +113,8 @@ def _collect(args: argparse.Namespace, datasets: list[str], methods: list[result
         raise CompareError(f"no results found for datasets {' '.join(datasets)} and trainers "
                            f"{' '.join(dict.fromkeys(m.trainer for m in methods))} (e.g. no "
                            f"{example}/fold_<k>/validation/summary.json)")
-    return results.compare(rows, gaps, splits, datasets, methods, args.baseline)
+    return results.compare(rows, gaps, splits, datasets, methods, args.baseline,
+                           results.parameter_table(datasets, methods))
 
 
 def _select(table: pd.DataFrame, split: str, dataset: str | None = None) -> pd.DataFrame:
@@ -137,6 +139,7 @@ def _overview(comparison: results.Comparison, split: str, args: argparse.Namespa
                       for n in table["folds"]]
     for column in ("dice", "std_cases", "std_folds"):
         shown[column] = table[column].map(_number)
+    shown["params_m"] = table["params_m"].map(lambda m: _number(m, ".1f"))
     shown["rank"] = table["rank"].map(lambda r: _number(r, "g"))
     is_baseline = table["method"].map(comparison.baseline_of) == table["method"]
     shown["mean_diff"] = table["mean_diff"].map(lambda d: _number(d, "+.4f")).where(~is_baseline, "baseline")
@@ -176,7 +179,10 @@ def _statistics_note(comparison: results.Comparison, args: argparse.Namespace) -
             f"and configuration) over the cases both have (pairs). p: two-sided Wilcoxon signed-rank test "
             f"(scipy.stats.wilcoxon, defaults) on those pairs; p Holm: Holm-corrected over all tests of the split "
             f"({', '.join(f'{SPLIT_TITLES[s]}: {n}' for s, n in tests.items()) or 'none'}); "
-            f"* p Holm < {args.alpha}. '!' marks fewer folds or datasets than asked for (see Missing).")
+            f"* p Holm < {args.alpha}. '!' marks fewer folds or datasets than asked for (see Missing). params M: "
+            f"millions of parameters of the network the trainer builds from the model folder's plans.json and "
+            f"dataset.json; empty where those are missing or nnU-Net's trainer lookup does not find the trainer "
+            f"(set nnUNet_extTrainer as for nnUNetv2_predict).")
 
 
 def _terminal_report(comparison: results.Comparison, args: argparse.Namespace) -> str:

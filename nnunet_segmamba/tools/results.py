@@ -95,6 +95,44 @@ def model_folder(dataset: str, method: Method) -> str:
     return get_output_folder(dataset, method.trainer, method.plans, method.configuration)
 
 
+def parameter_count(model_folder: str, trainer_name: str, configuration: str) -> float | None:
+    """Millions of parameters of the network that `trainer_name` builds from the model folder's plans.json and
+    dataset.json for `configuration` (as nnUNetv2_predict does, without deep supervision); None when those files
+    or the configuration are missing, or nnU-Net's trainer lookup (its folder, then nnUNet_extTrainer) does not
+    find the trainer."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_segmamba.tools.environment import find_trainer
+
+    plans_json, dataset_json = (os.path.join(model_folder, f) for f in ("plans.json", "dataset.json"))
+    if not (os.path.isfile(plans_json) and os.path.isfile(dataset_json)):
+        return None
+    plans, dataset = PlansManager(plans_json), load_json(dataset_json)
+    if configuration not in plans.available_configurations:
+        return None
+    try:
+        trainer = find_trainer(trainer_name)
+    except RuntimeError:
+        return None
+    manager = plans.get_configuration(configuration)
+    network = trainer.build_network_architecture(plans, manager,
+                                                 determine_num_input_channels(plans, manager, dataset),
+                                                 plans.get_label_manager(dataset).num_segmentation_heads, False)
+    return sum(p.numel() for p in network.parameters()) / 1e6
+
+
+def parameter_table(datasets: list[str], methods: list[Method]) -> pd.DataFrame:
+    """Per dataset and method: `params_m`, its network's millions of parameters (NaN where unknown)."""
+    import pandas as pd
+
+    rows = [{"dataset": dataset, "method": method.name,
+             "params_m": parameter_count(model_folder(dataset, method), method.trainer, method.configuration)}
+            for dataset in datasets for method in methods]
+    return pd.DataFrame(rows, columns=["dataset", "method", "params_m"]).astype({"params_m": float})
+
+
 def _case_name(file: str) -> str:
     name = os.path.basename(file)
     return name[:-len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
@@ -316,7 +354,8 @@ def paired_tests(case_fg: pd.DataFrame, baseline_of: dict[str, str]) -> pd.DataF
 @dataclass
 class Comparison:
     """Everything `compare` reports. `overview` is the foreground table with each method's test against its
-    baseline (`baseline_of`), and a row for every split, dataset and method asked for, found or not."""
+    baseline (`baseline_of`) and its network's parameters, and a row for every split, dataset and method asked
+    for, found or not."""
 
     cases: pd.DataFrame
     case_fg: pd.DataFrame
@@ -350,8 +389,9 @@ def check_folds_disjoint(cases: pd.DataFrame) -> None:
 
 
 def compare(rows: list[dict], gaps: list[Gap], splits: list[str], datasets: list[str],
-            methods: list[Method], baseline: str) -> Comparison:
-    """All statistics from the collected case rows (at least one)."""
+            methods: list[Method], baseline: str, parameters: pd.DataFrame) -> Comparison:
+    """All statistics from the collected case rows (at least one); `parameters` (`parameter_table`) joins the
+    overview."""
     import pandas as pd
 
     cases = pd.DataFrame(rows)
@@ -362,4 +402,5 @@ def compare(rows: list[dict], gaps: list[Gap], splits: list[str], datasets: list
     baseline_of = baselines(methods, baseline)
     tests = paired_tests(case_fg, baseline_of)
     overview = foreground.merge(tests.drop(columns="baseline"), on=BASE, how="left").astype({"pairs": "Int64"})
+    overview = overview.merge(parameters, on=["dataset", "method"], how="left")
     return Comparison(cases, case_fg, classes, overview, mean_ranks(foreground), tests, baseline_of, gaps)

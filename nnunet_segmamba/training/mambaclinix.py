@@ -1,4 +1,5 @@
-"""MambaClinix trainers: nnU-Net's Dice + CE, or with the region-specific Tversky loss added (RST)."""
+"""MambaClinix trainers: nnU-Net's Dice + CE, or with the region-specific Tversky loss added (RST), and the
+No-Mamba ablation."""
 
 from __future__ import annotations
 
@@ -16,3 +17,11 @@ class nnUNetTrainerMambaClinix(LateralMirroringMixin, nnUNetTrainerMambaBase):
 
 class nnUNetTrainerMambaClinixRST(RegionTverskyLossMixin, nnUNetTrainerMambaClinix):
     """MambaClinix trained with (Dice + CE) + 0.8 * region-specific Tversky loss, as in the paper."""
+
+
+class nnUNetTrainerMambaClinixNoMamba(nnUNetTrainerMambaClinix):
+    """MambaClinix with every Mamba layer an identity (its norms, linear layer and residual, the HGCN blocks and
+    the decoder unchanged): the No-Mamba ablation of "nnU-Net Revisited" (MICCAI 2024), to measure what the
+    Mamba layers add."""
+
+    network_options = {"mamba": False}

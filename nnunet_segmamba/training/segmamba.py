@@ -1,4 +1,5 @@
-"""Trainers of the SegMamba family (nnU-Net's Dice + CE loss, SGD and poly schedule, left/right-aware mirroring)."""
+"""Trainers of the SegMamba family (nnU-Net's Dice + CE loss, SGD and poly schedule, left/right-aware mirroring),
+and their No-Mamba ablations."""
 
 from __future__ import annotations
 
@@ -19,6 +20,21 @@ class nnUNetTrainerSegMamba(LateralMirroringMixin, nnUNetTrainerMambaBase):
     """SegMamba: tri-orientated Mamba (ToM) from 1/4 resolution, GSC, FUE."""
 
     network_class = SegMamba
+
+
+class nnUNetTrainerSegMambaV2NoMamba(nnUNetTrainerSegMambaV2):
+    """SegMamba-V2 with every Mamba mixer an identity (GSC, norms, MLP, residuals, HSD, FUE, decoder unchanged):
+    the No-Mamba ablation that "nnU-Net Revisited" (Isensee et al., MICCAI 2024) ran on U-Mamba, to measure
+    what the Mamba layers add."""
+
+    network_options = {"mamba": False}
+
+
+class nnUNetTrainerSegMambaNoMamba(nnUNetTrainerSegMamba):
+    """SegMamba with every Mamba mixer an identity (GSC, norms, MLP, residuals, FUE, decoder unchanged): the
+    No-Mamba ablation of "nnU-Net Revisited" (MICCAI 2024), to measure what the Mamba layers add."""
+
+    network_options = {"mamba": False}
 
 
 nnUNetTrainerSegMambaV2_250epochs = trainer_variant(
