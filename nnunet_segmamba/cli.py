@@ -11,6 +11,7 @@ TOOLS = {
     "env": ("environment", "print the nnUNet_extTrainer line for nnU-Net's stock commands"),
     "doctor": ("doctor", "check the installation, GPU, scan backend and nnU-Net set-up"),
     "compare": ("compare", "compare trainers' nnU-Net results across datasets (tables, tests, plots)"),
+    "sweep": ("sweep", "train trainers x datasets x folds (local or Slurm, resumable), then compare them"),
     "synth": ("synth", "write a generated nnU-Net raw dataset"),
     "plan": ("plan", "plan patch and batch sizes that fit our network in a GPU memory target"),
     "benchmark": ("benchmark", "time and size trainers' networks at a plans configuration"),

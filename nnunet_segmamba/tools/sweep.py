@@ -1,0 +1,571 @@
+"""`nnunet-segmamba sweep`: train trainers x datasets x folds with nnU-Net's stock command, then compare them.
+
+Each fold is one `nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS` job run by submitit, on this
+machine (at most --jobs at once, sharing the CPUs for data augmentation) or on Slurm. --epochs/--iterations train
+fixed-budget variants `<trainer>_e{E}i{I}`. A re-run skips finished folds and continues interrupted ones (--c);
+at the end `nnunet-segmamba compare` gives paired statistics across the folds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Iterator
+
+from submitit.helpers import Checkpointable
+
+if TYPE_CHECKING:
+    import submitit
+
+MARKER = ".nnunet_segmamba_sweep"
+LOCK = ".nnunet_segmamba_sweep.lock"
+"""In each fold folder: held (flock) by the job training it and by its nnUNetv2_train, so no two trainings of a
+fold run at once, whichever sweep (or killed sweep's leftover) started them."""
+NNUNET_FOLDS = 5  # nnU-Net's split when the dataset has no splits_final.json
+LOCAL_TIMEOUT_MIN = 60 * 24 * 365  # submitit's local executor stops a job after timeout_min (default: 2 minutes)
+POLL_SECONDS = 0.5
+TAIL_LINES = 15
+
+
+class SweepError(Exception):
+    """A bad argument: printed as one line, exit code 2, nothing written."""
+
+
+def fold_state(folder: Path) -> str:
+    """'finished' (checkpoint_final.pth and validation/summary.json), 'interrupted' (a checkpoint nnU-Net's --c
+    continues from) or 'new'."""
+    if (folder / "checkpoint_final.pth").is_file():
+        return "finished" if (folder / "validation" / "summary.json").is_file() else "interrupted"
+    return "interrupted" if (folder / "checkpoint_latest.pth").is_file() else "new"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a fold's job did: trained, resumed, skipped (finished meanwhile) or busy (trained elsewhere)."""
+
+    action: str
+    returncode: int
+    seconds: float
+    command: list[str]
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        return self.action if self.returncode == 0 else "failed"
+
+
+@dataclass(frozen=True)
+class FoldJob(Checkpointable):
+    """One fold's nnUNetv2_train, run by submitit (on Slurm requeued after a time-out, then continued with --c)."""
+
+    label: str
+    command: list[str]
+    folder: str
+    log: str
+    env: dict[str, str | None]
+    """Changes to the job's environment (None: unset)."""
+
+    def __call__(self) -> JobResult:
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / LOCK, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return JobResult("busy", 1, 0.0, self.command, f"another process trains this fold ({holder(lock)}): "
+                                 "wait for it or stop it, then run the sweep again")
+            write_holder(lock, f"job pid {os.getpid()}")
+            state = fold_state(folder)
+            if state == "finished":
+                return JobResult("skipped", 0, 0.0, self.command)
+            command = [*self.command, "--c"] if state == "interrupted" else self.command
+            started = time.time()
+            returncode = run_logged(command, self.env, Path(self.log), lock)
+            return JobResult("resumed" if state == "interrupted" else "trained", returncode, time.time() - started,
+                             command)
+
+
+def holder(lock: IO[str]) -> str:
+    """Who holds a fold's lock, as its holder wrote it."""
+    lock.seek(0)
+    return lock.read().strip() or "pid unknown"
+
+
+def write_holder(lock: IO[str], process: str) -> None:
+    lock.truncate(0)
+    lock.write(f"{process} on {socket.gethostname()}")
+    lock.flush()
+
+
+def lock_holder(folder: Path) -> str | None:
+    """Who trains the fold now, or None."""
+    if not (folder / LOCK).is_file():
+        return None
+    with open(folder / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return holder(lock)
+    return None
+
+
+def run_logged(command: list[str], changes: dict[str, str | None], log: Path, lock: IO[str]) -> int:
+    """Run `command` with its output appended to `log`; it inherits the fold's lock. Its exit code."""
+    env = {**os.environ, **{k: v for k, v in changes.items() if v is not None}}
+    for name in [k for k, v in changes.items() if v is None]:
+        env.pop(name, None)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        out.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {shlex.join(command)}\n")
+        out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fileno(),))
+        write_holder(lock, f"pid {process.pid}")
+        try:
+            return process.wait()
+        except BaseException:  # cancelled (SIGINT from submitit, Ctrl-C) or timed out on Slurm (SystemExit)
+            stop(process)
+            raise
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGINT (nnU-Net exits and ends its augmentation workers), SIGKILL if it is still there after 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The sweep, its arguments checked."""
+
+    datasets: list[str]
+    trainers: dict[str, type]
+    """The trainer classes given, by the name trained (the budget variant's name with a budget)."""
+    plans: list[str]
+    configurations: list[str]
+    folds: list[str]
+    baseline: str
+    budget: dict[str, int]
+    device: str
+    output: Path
+
+
+def budget_of(args: argparse.Namespace) -> tuple[str, dict[str, int]]:
+    """The variant name suffix and trainer attributes of --epochs/--iterations (empty without them)."""
+    suffix, attributes = "", {}
+    if args.epochs:
+        suffix, attributes["num_epochs"] = f"e{args.epochs}", args.epochs
+    if args.iterations:
+        suffix += f"i{args.iterations}"
+        attributes.update(num_iterations_per_epoch=args.iterations,
+                          num_val_iterations_per_epoch=max(1, args.iterations // 5))
+    return (f"_{suffix}" if suffix else ""), attributes
+
+
+def ext_trainer_folders(*first: str) -> str:
+    """nnUNet_extTrainer with `first`, then our trainers folder, then the user's own folders."""
+    from nnunet_segmamba.tools.environment import hook_paths, trainers_folder
+
+    return os.pathsep.join(dict.fromkeys([*first, trainers_folder(), *hook_paths()]))
+
+
+def check_folders() -> None:
+    """nnUNet_preprocessed is a folder; nnUNet_results is set (nnUNetv2_train creates it)."""
+    for name in ("nnUNet_preprocessed", "nnUNet_results"):
+        value = os.environ.get(name)
+        if not value:
+            raise SweepError(f"{name} is not set: export {name}=/path/to/{name} (README, Set-up)")
+        if not os.path.isdir(value) and (name == "nnUNet_preprocessed" or os.path.exists(value)):
+            raise SweepError(f"{name}={value} is not a folder")
+
+
+def check_dataset(dataset: str, plans: list[str], configurations: list[str], folds: list[str]) -> None:
+    """The dataset is preprocessed for every plans and configuration, and has the folds."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    base = Path(os.environ["nnUNet_preprocessed"]) / dataset
+    todo = f"run nnUNetv2_plan_and_preprocess -d {dataset} -c {' '.join(configurations)} (or check -p/-c)"
+    for identifier in plans:
+        if not (base / f"{identifier}.json").is_file():
+            raise SweepError(f"{dataset} has no {base / identifier}.json: {todo}")
+        manager = PlansManager(str(base / f"{identifier}.json"))
+        for configuration in configurations:
+            if configuration not in manager.available_configurations:
+                raise SweepError(f"{identifier} of {dataset} has no configuration {configuration!r} (it has "
+                                 f"{', '.join(manager.available_configurations)})")
+            if not (base / manager.get_configuration(configuration).data_identifier).is_dir():
+                raise SweepError(f"{dataset} is not preprocessed for {identifier} {configuration}: {todo}")
+    splits = base / "splits_final.json"
+    if not splits.is_file() and len(case_identifiers(base, plans[0], configurations[0])) < NNUNET_FOLDS:
+        raise SweepError(f"{dataset} has fewer than {NNUNET_FOLDS} training cases, too few for nnU-Net's 5-fold split")
+    count = len(load_json(str(splits))) if splits.is_file() else NNUNET_FOLDS
+    where = "in its splits_final.json" if splits.is_file() else "in nnU-Net's default split"
+    for fold in folds:
+        if not fold.isdigit() or int(fold) >= count:
+            raise SweepError(f"fold {fold!r} does not exist: {dataset} has folds 0-{count - 1} {where}")
+
+
+def find_trainers(names: list[str]) -> dict[str, type]:
+    """The trainer classes, looked up as nnUNetv2_train does (nnunetv2, our folder, the user's folders)."""
+    from nnunet_segmamba.tools.environment import find_trainer
+
+    os.environ["nnUNet_extTrainer"] = ext_trainer_folders()  # this process's own lookups
+    classes = {}
+    for name in names:
+        try:
+            classes[name] = find_trainer(name)
+        except RuntimeError:
+            raise SweepError(f"unknown trainer {name!r}: not in nnunetv2 nor in nnUNet_extTrainer "
+                             f"({os.environ['nnUNet_extTrainer']}); is the name right?") from None
+    return classes
+
+
+def check_output(output: Path) -> None:
+    if output.exists() and not (output / MARKER).exists() and (not output.is_dir() or any(output.iterdir())):
+        raise SweepError(f"{output} exists and is not a sweep's folder: choose another -o")
+    existing = next(p for p in (output, *output.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise SweepError(f"{output} cannot be written ({existing} is not writable): choose another -o")
+
+
+def default_device(cluster: str) -> str:
+    if cluster == "slurm":
+        return "cuda"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_arguments(args: argparse.Namespace) -> Grid:
+    """Everything the jobs need, checked before anything is written."""
+    from nnunet_segmamba.tools.results import CompareError, dataset_names
+
+    check_folders()
+    if args.cluster == "slurm" and not shutil.which("sbatch"):
+        raise SweepError("--cluster slurm needs Slurm's sbatch on PATH: run the sweep on a Slurm login node")
+    try:
+        datasets = dataset_names(args.datasets)
+    except CompareError as error:
+        raise SweepError(f"{error}; is it in nnUNet_preprocessed ({os.environ['nnUNet_preprocessed']})?") from None
+    folds = list(dict.fromkeys(args.folds))
+    for dataset in datasets:
+        check_dataset(dataset, args.plans, args.configurations, folds)
+    baseline = args.baseline or args.trainers[0]
+    given = find_trainers(list(dict.fromkeys([*args.trainers, baseline])))
+    suffix, budget = budget_of(args)
+    output = Path(args.output).resolve()
+    check_output(output)
+    device = args.device or default_device(args.cluster)
+    if device == "cuda" and args.cluster == "local" and default_device("local") != "cuda":
+        raise SweepError("-device cuda: no CUDA GPU here; use -device cpu or run on a GPU machine")
+    return Grid(datasets, {f"{name}{suffix}": cls for name, cls in given.items()}, list(dict.fromkeys(args.plans)),
+                list(dict.fromkeys(args.configurations)), folds, f"{baseline}{suffix}", budget, device, output)
+
+
+def case_identifiers(base: Path, plans: str, configuration: str) -> list[str]:
+    """The preprocessed training cases of a dataset folder, sorted, as nnUNetTrainer.do_split lists them."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data = str(base / PlansManager(str(base / f"{plans}.json")).get_configuration(configuration).data_identifier)
+    return sorted(infer_dataset_class(data).get_identifiers(data))
+
+
+def write_missing_splits(grid: Grid) -> None:
+    """nnU-Net's default 5-fold split, written atomically where it is missing: concurrent first trainings of a
+    dataset would each write it while another reads it."""
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    for dataset in grid.datasets:
+        base = Path(os.environ["nnUNet_preprocessed"]) / dataset
+        if not (base / "splits_final.json").is_file():
+            identifiers = case_identifiers(base, grid.plans[0], grid.configurations[0])
+            partial = base / f".splits_final.json.{os.getpid()}"
+            save_json(generate_crossval_split(identifiers, seed=12345, n_splits=NNUNET_FOLDS), str(partial))
+            os.replace(partial, base / "splits_final.json")
+
+
+def prepare(grid: Grid) -> Path | None:
+    """The sweep's folder; the budget variants' folder (None without a budget)."""
+    from nnunet_segmamba.training.variants import write_variants_module
+
+    grid.output.mkdir(parents=True, exist_ok=True)
+    (grid.output / MARKER).write_text("created by nnunet-segmamba sweep; its logs, trainer variants, jobs, "
+                                      "comparison\n")
+    write_missing_splits(grid)
+    if not grid.budget:
+        return None
+    folder = grid.output / "trainers"
+    for name, cls in grid.trainers.items():  # a module per variant: a later sweep never drops an earlier one's
+        write_variants_module(folder, f"sweep_{name}", {name: (cls, grid.budget)})
+    return folder
+
+
+def job_environment(args: argparse.Namespace, variants: Path | None) -> dict[str, str | None]:
+    """What the jobs' environment changes: nnU-Net's folders and trainer hook, its augmentation workers, and
+    (locally) the GPUs submitit's local executor hides."""
+    env = {name: os.path.abspath(os.environ[name]) for name in ("nnUNet_raw", "nnUNet_preprocessed",
+                                                                "nnUNet_results") if os.environ.get(name)}
+    env.update(nnUNet_extTrainer=ext_trainer_folders(*([str(variants)] if variants else [])), PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if args.cluster == "local":
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["nnUNet_n_proc_DA"] = os.environ.get("nnUNet_n_proc_DA", str(max(1, cpus // args.jobs)))
+    elif args.slurm_cpus_per_job and "nnUNet_n_proc_DA" not in os.environ:
+        env["nnUNet_n_proc_DA"] = str(args.slurm_cpus_per_job)
+    return env
+
+
+def fold_jobs(grid: Grid, env: dict[str, str | None]) -> list[FoldJob]:
+    """Every fold of the grid, datasets outermost."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    jobs = []
+    for dataset in grid.datasets:
+        for trainer in grid.trainers:
+            for plans in grid.plans:
+                for configuration in grid.configurations:
+                    model = f"{trainer}__{plans}__{configuration}"
+                    for fold in grid.folds:
+                        command = ["nnUNetv2_train", dataset, configuration, fold, "-tr", trainer, "-p", plans,
+                                   "-device", grid.device]
+                        jobs.append(FoldJob(f"{dataset} {model} fold {fold}", command,
+                                            get_output_folder(dataset, trainer, plans, configuration, int(fold)),
+                                            str(grid.output / "logs" / dataset / f"{model}_fold{fold}.log"), env))
+    return jobs
+
+
+def make_executor(args: argparse.Namespace, grid: Grid) -> submitit.AutoExecutor:
+    """submitit's executor for --cluster: local processes, or Slurm jobs (one job array per submission)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=grid.output / "submitit", cluster=args.cluster)
+    if args.cluster == "local":
+        executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
+    else:
+        gpus = args.slurm_gpus_per_job if args.slurm_gpus_per_job is not None else int(grid.device == "cuda")
+        executor.update_parameters(name="nnunet-segmamba-sweep", timeout_min=args.slurm_time_min, gpus_per_node=gpus,
+                                   cpus_per_task=args.slurm_cpus_per_job, slurm_partition=args.slurm_partition,
+                                   slurm_array_parallelism=args.slurm_array_parallelism)
+    return executor
+
+
+class Progress:
+    """One line per event, with the time since the sweep started."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def line(self, event: str, job: FoldJob, details: str) -> None:
+        print(f"[{time.time() - self.started:6.0f} s] {event:<8} {job.label}: {details}", flush=True)
+
+
+def tail(path: str, lines: int = TAIL_LINES) -> str:
+    try:
+        return "".join(Path(path).read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except OSError:
+        return "(no log)\n"
+
+
+def finish(job: FoldJob, handle: submitit.Job, env: dict[str, str | None], progress: Progress) -> JobResult:
+    """The finished job's result, reported (a failure with its log's tail and the command to rerun)."""
+    try:
+        result = handle.result()
+    except Exception:  # noqa: BLE001 - the job itself died (killed, out of memory, node lost): submitit says why
+        result = JobResult("failed", 1, 0.0, job.command, f"the job did not complete; submitit's log: "
+                                                           f"{handle.paths.stderr}")
+    if result.status != "failed":
+        progress.line(result.status, job, f"in {result.seconds:.0f} s; log {job.log}")
+        return result
+    code = f"exit code {result.returncode}" if result.action in ("trained", "resumed") else result.note
+    progress.line("FAILED", job, f"{code}; log {job.log}")
+    if result.action in ("trained", "resumed"):
+        print("".join(f"    | {line}" for line in tail(job.log).splitlines(keepends=True)), end="")
+    print(f"    rerun: nnUNet_extTrainer={shlex.quote(env['nnUNet_extTrainer'])} {shlex.join(result.command)}\n"
+          f"    (or run this sweep again: finished folds are skipped)", flush=True)
+    return result
+
+
+def cancel(running: list[tuple[FoldJob, submitit.Job]], local: bool, progress: Progress) -> None:
+    """Cancel the jobs in flight; locally, wait until their trainings are gone."""
+    for job, handle in running:
+        handle.cancel(check=False)
+        progress.line("cancel", job, f"log {job.log}")
+    deadline = time.time() + 60
+    while local and time.time() < deadline and any(lock_holder(Path(job.folder)) for job, _ in running):
+        time.sleep(0.2)
+    for job, _ in running:
+        if local and (still := lock_holder(Path(job.folder))):
+            print(f"    {job.label} is still being trained ({still}): stop it before running the sweep again",
+                  file=sys.stderr)
+
+
+@contextlib.contextmanager
+def stderr_to(path: Path | None) -> Iterator[None]:
+    """This process's stderr (file descriptor 2) appended to `path` (None: unchanged) for the block: the local job
+    controllers submitit starts inherit it, and print tracebacks there when they are cancelled."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def run_jobs(executor: submitit.Executor, jobs: list[FoldJob], cap: int, local: bool, env: dict[str, str | None],
+             progress: Progress) -> list[tuple[FoldJob, JobResult]]:
+    """Submit the jobs, at most `cap` in flight; their results as they finish."""
+    pending, running, results = list(jobs), [], []
+    try:
+        while pending or running:
+            batch, pending = pending[:cap - len(running)], pending[cap - len(running):]
+            if batch:
+                with stderr_to(Path(executor.folder) / "controllers.log" if local else None), executor.batch():
+                    handles = [executor.submit(job) for job in batch]  # submitted at the batch's end (Slurm: an array)
+                for job, handle in zip(batch, handles):
+                    running.append((job, handle))
+                    plan = "continues (--c)" if fold_state(Path(job.folder)) == "interrupted" else "fresh"
+                    progress.line("started" if local else "queued", job, f"{plan}; log {job.log}")
+            for entry in [entry for entry in running if entry[1].done()]:
+                running.remove(entry)
+                results.append((entry[0], finish(*entry, env, progress)))
+            time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        cancel(running, local, progress)
+        raise
+    return results
+
+
+def interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP act as Ctrl-C (KeyboardInterrupt): the sweep cancels its jobs before it exits. SIGINT too,
+    also where it was ignored (a background job of a script): the jobs' processes inherit the default, and
+    submitit cancels a local job with SIGINT."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
+
+
+def run_compare(grid: Grid) -> int:
+    """`nnunet-segmamba compare` on the sweep's results, into its compare/ folder."""
+    from nnunet_segmamba.tools import compare
+
+    parser = argparse.ArgumentParser(prog="nnunet-segmamba compare")
+    compare.add_arguments(parser)
+    print(f"\n>> nnunet-segmamba compare, baseline {grid.baseline}", flush=True)
+    return compare.main(parser.parse_args(["-d", *grid.datasets, "-tr", *grid.trainers, "-p", *grid.plans,
+                                           "-c", *grid.configurations, "-f", *grid.folds, "--baseline",
+                                           grid.baseline, "-o", str(grid.output / "compare")]))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split(": ", 1)[1]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("example: nnunet-segmamba sweep -d 501 502 -tr nnUNetTrainer nnUNetTrainerSegMambaV2 --epochs 50 "
+                     "--iterations 250 --jobs 2\nCtrl-C or SIGTERM cancels the jobs in flight; run the same command "
+                     "again to go on. Logs: <-o>/logs, comparison: <-o>/compare.")
+    positive = _positive_int
+    parser.add_argument("-d", dest="datasets", nargs="+", required=True, help="dataset ids or names (preprocessed)")
+    parser.add_argument("-tr", dest="trainers", nargs="+", required=True, help="trainer class names")
+    parser.add_argument("-f", dest="folds", nargs="+", default=["0", "1", "2", "3", "4"],
+                        help="cross-validation folds (default: 0 1 2 3 4)")
+    parser.add_argument("-p", dest="plans", nargs="+", default=["nnUNetPlans"], help="plans identifiers "
+                        "(default: nnUNetPlans)")
+    parser.add_argument("-c", dest="configurations", nargs="+", default=["3d_fullres"],
+                        help="configurations (default: 3d_fullres)")
+    parser.add_argument("--epochs", type=positive, help="fixed budget: epochs (trains <trainer>_e{E}i{I} variants)")
+    parser.add_argument("--iterations", type=positive, help="fixed budget: iterations per epoch")
+    parser.add_argument("-device", "--device", choices=("cuda", "cpu", "mps"),
+                        help="nnUNetv2_train's -device (default: cuda if available; on Slurm cuda)")
+    parser.add_argument("--baseline", help="trainer the others are compared with (default: the first -tr)")
+    parser.add_argument("-o", dest="output", default="nnunet_segmamba_sweep",
+                        help="the sweep's folder: logs, variants, jobs, comparison (default: ./%(default)s)")
+    parser.add_argument("--jobs", type=positive, default=1, help="local: trainings at once on this machine, "
+                        "nnUNet_n_proc_DA = CPUs // jobs unless set (default: 1)")
+    parser.add_argument("--cluster", choices=("local", "slurm"), default="local",
+                        help="where submitit runs the jobs (default: local)")
+    slurm = parser.add_argument_group("Slurm (--cluster slurm)")
+    slurm.add_argument("--slurm-partition", help="partition")
+    slurm.add_argument("--slurm-time-min", type=positive, default=24 * 60, help="time limit per job in minutes; "
+                       "a timed-out job is requeued and continues with --c (default: %(default)s)")
+    slurm.add_argument("--slurm-gpus-per-job", type=int, help="default: 1 with -device cuda, else 0")
+    slurm.add_argument("--slurm-cpus-per-job", type=positive, help="CPUs per job (also nnUNet_n_proc_DA unless set)")
+    slurm.add_argument("--slurm-array-parallelism", type=positive,
+                       help="jobs running at once (default: as many as the queue allows)")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def summary(results: list[tuple[FoldJob, JobResult]], skipped: int, seconds: float) -> str:
+    """Counts by outcome, and the failed folds with their logs."""
+    counts = {status: sum(r.status == status for _, r in results) for status in ("trained", "resumed", "skipped",
+                                                                                 "failed")}
+    counts["skipped"] += skipped
+    failed = "".join(f"\n  failed: {job.label}; log {job.log}" for job, r in results if r.status == "failed")
+    return f"Summary: {', '.join(f'{n} {status}' for status, n in counts.items())} in {seconds:.0f} s{failed}"
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        grid = check_arguments(args)
+    except SweepError as error:
+        print(f"nnunet-segmamba sweep: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        variants = prepare(grid)
+    except OSError as error:  # the folder cannot be written after all (disk full, read-only)
+        print(f"nnunet-segmamba sweep: error: {error}", file=sys.stderr)
+        return 1
+    env, local = job_environment(args, variants), args.cluster == "local"
+    os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # compare's trainer lookups find the variants too
+    jobs = fold_jobs(grid, env)
+    progress = Progress()
+    print(f"nnunet-segmamba sweep: {len(jobs)} folds ({len(grid.datasets)} datasets x {len(grid.trainers)} trainers "
+          f"x {len(grid.folds)} folds), device {grid.device}, "
+          f"{f'{args.jobs} at once on this machine' if local else 'on Slurm'}; folder {grid.output}", flush=True)
+    todo = []
+    for job in jobs:
+        if fold_state(Path(job.folder)) == "finished":
+            progress.line("skipped", job, "finished earlier (checkpoint_final.pth, validation/summary.json)")
+        else:
+            todo.append(job)
+    interrupt_on_termination()
+    try:
+        results = run_jobs(make_executor(args, grid), todo, args.jobs if local else len(todo), local, env, progress)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the jobs in flight were cancelled. Run the same command again to go on (finished "
+              "folds are skipped, interrupted ones continued).", file=sys.stderr)
+        return 130
+    print(summary(results, len(jobs) - len(todo), time.time() - progress.started), flush=True)
+    compared = run_compare(grid)
+    if variants:
+        print(f"\nFor nnUNetv2_predict with the budget variants: export nnUNet_extTrainer="
+              f"{shlex.quote(env['nnUNet_extTrainer'])}")
+    return 1 if compared or any(r.status == "failed" for _, r in results) else 0

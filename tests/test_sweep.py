@@ -1,0 +1,222 @@
+"""`nnunet-segmamba sweep`: trainers x datasets x folds through submitit, killed and resumed, then compared."""
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nnunet_segmamba.cli import main
+from nnunet_segmamba.datasets.raw import write_raw_dataset
+from nnunet_segmamba.datasets.tasks import task_from_preset
+from nnunet_segmamba.tools.sweep import LOCK, FoldJob, fold_state, lock_holder
+from tests.folders import nnunet_folders
+
+BIN = Path(sys.executable).parent
+DATASETS = {901: "SweepA", 902: "SweepB"}
+TRAINERS = ["nnUNetTrainer", "nnUNetTrainerSegMambaV2"]
+GRID = ["-d", *map(str, DATASETS), "-tr", *TRAINERS, "-f", "0", "1", "--epochs", "1", "--iterations", "2",
+        "--jobs", "2", "-device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def nnunet(tmp_path_factory) -> dict[str, str]:
+    """Two tiny generated datasets, preprocessed; the environment of the sweep's commands."""
+    folders = nnunet_folders(tmp_path_factory.mktemp("nnunet"))
+    for dataset_id, name in DATASETS.items():  # nnU-Net's 5-fold split needs 5 training cases
+        write_raw_dataset(folders["nnUNet_raw"], dataset_id, name, task_from_preset("tiny"), n_train=5, n_test=0,
+                          seed=dataset_id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update({k: str(v) for k, v in folders.items()}, PATH=f"{BIN}{os.pathsep}{env['PATH']}", OMP_NUM_THREADS="1",
+               nnUNet_def_n_proc="1", nnUNet_compile="f")
+    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", *map(str, DATASETS), "-c", "3d_fullres", "-np", "1"],
+                   env=env, check=True, capture_output=True, timeout=900)
+    return env
+
+
+def sweep_command(output: Path) -> list[str]:
+    return [str(BIN / "nnunet-segmamba"), "sweep", *GRID, "-o", str(output)]
+
+
+def fold_folders(env: dict[str, str]) -> list[Path]:
+    results = Path(env["nnUNet_results"])
+    return [results / f"Dataset{i}_{name}" / f"{trainer}_e1i2__nnUNetPlans__3d_fullres" / f"fold_{fold}"
+            for i, name in DATASETS.items() for trainer in TRAINERS for fold in (0, 1)]
+
+
+def label(folder: Path) -> str:
+    return f"{folder.parents[1].name} {folder.parent.name} fold {folder.name.split('_')[1]}"
+
+
+def kill_while_validating(command: list[str], env: dict[str, str], folds: list[Path], log: Path) -> None:
+    """Start the sweep and SIGKILL its process group once a fold is finished and another one is validating
+    (checkpoint_final.pth written, validation/summary.json not yet): deterministic for --c."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and process.poll() is None:
+            states = [fold_state(f) for f in folds]
+            if "finished" in states and "interrupted" in states:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+
+
+@pytest.mark.e2e
+def test_bad_arguments_are_one_line_errors_and_write_nothing(nnunet, tmp_path, monkeypatch, capsys):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, nnunet[name])
+    monkeypatch.setenv("nnUNet_extTrainer", "")  # restored afterwards: the sweep sets it for its own lookups
+    output = tmp_path / "sweep"
+    cases = {("-d", "999", "-tr", "nnUNetTrainer"): "unknown dataset '999'",
+             ("-d", "901", "-tr", "nnUNetTrainerNope"): "unknown trainer 'nnUNetTrainerNope'",
+             ("-d", "901", "-tr", "nnUNetTrainer", "-f", "5"): "fold '5' does not exist: Dataset901_SweepA has folds",
+             ("-d", "901", "-tr", "nnUNetTrainer", "-p", "nnUNetPlansX"): "has no",
+             ("-d", "901", "-tr", "nnUNetTrainer", "-c", "2d_fancy"): "has no configuration '2d_fancy'"}
+    for arguments, message in cases.items():
+        assert main(["sweep", *arguments, "-o", str(output)]) == 2, arguments
+        error = capsys.readouterr().err
+        assert error.startswith("nnunet-segmamba sweep: error: ") and message in error, error
+        assert error.count("\n") == 1, error
+    monkeypatch.delenv("nnUNet_results")
+    assert main(["sweep", "-d", "901", "-tr", "nnUNetTrainer", "-o", str(output)]) == 2
+    assert "nnUNet_results is not set" in capsys.readouterr().err
+    assert not output.exists() and not any(Path(nnunet["nnUNet_results"]).iterdir())
+    assert not list(Path(nnunet["nnUNet_preprocessed"]).glob("*/splits_final.json"))
+
+
+@pytest.mark.e2e
+def test_sweep_killed_then_resumed_compares_every_fold(nnunet, tmp_path):
+    """2 datasets x 2 trainers x 2 folds, 2 at once: SIGKILL of the whole sweep mid-way; the same command again
+    skips the finished folds, continues the one that was validating with --c and trains the rest; `compare`
+    gets every fold."""
+    folds, output = fold_folders(nnunet), tmp_path / "sweep"
+    started = time.time()
+    kill_while_validating(sweep_command(output), nnunet, folds, tmp_path / "killed.log")
+    killed_after = time.time() - started
+    deadline = time.time() + 60  # killed processes take a moment to exit and release their fold's lock
+    while (held := [lock_holder(f) for f in folds if lock_holder(f)]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not held  # nothing of the killed sweep trains on
+    finished = {f: (f / "checkpoint_final.pth").stat().st_mtime_ns for f in folds if fold_state(f) == "finished"}
+    validating = [f for f in folds if fold_state(f) == "interrupted"]
+    assert finished and validating
+
+    result = subprocess.run(sweep_command(output), env=nnunet, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    print(f"killed after {killed_after:.0f} s, re-run {time.time() - started - killed_after:.0f} s\n{result.stdout}")
+    for folder, mtime in finished.items():
+        assert f"skipped  {label(folder)}: finished earlier" in result.stdout
+        assert (folder / "checkpoint_final.pth").stat().st_mtime_ns == mtime  # not retrained
+    for folder in validating:
+        assert f"started  {label(folder)}: continues (--c)" in result.stdout
+        assert f"resumed  {label(folder)}: in " in result.stdout
+        log = output / "logs" / folder.parents[1].name / f"{folder.parent.name}_{folder.name.replace('_', '')}.log"
+        assert log.read_text().split("\n### ")[-1].split("\n")[0].endswith(" --c")
+    trained = len(folds) - len(finished) - len(validating)
+    assert f"Summary: {trained} trained, {len(validating)} resumed, {len(finished)} skipped, 0 failed" in result.stdout
+    assert all(fold_state(f) == "finished" for f in folds)
+
+    report = json.loads((output / "compare" / "compare.json").read_text())
+    cells = {(row["dataset"], row["method"]): row["folds"] for row in report["overview"] if row["split"] == "cv"}
+    assert cells == {(f"Dataset{i}_{n}", f"{t}_e1i2"): 2 for i, n in DATASETS.items() for t in TRAINERS}
+    assert report["missing"] == [] and report["settings"]["baseline"] == "nnUNetTrainer_e1i2"
+    assert "nnUNet_extTrainer=" in result.stdout and str(output / "trainers") in result.stdout
+
+
+def fake_job(root: Path, code: str, name: str = "fold_0") -> FoldJob:
+    """A fold's job whose 'nnUNetv2_train' is `python -c code ARGS`."""
+    return FoldJob(name, [sys.executable, "-c", code, "train"], str(root / name), str(root / f"{name}.log"), {})
+
+
+def test_job_continues_a_checkpoint_skips_a_finished_fold_and_refuses_a_busy_one(tmp_path):
+    job = fake_job(tmp_path, "import sys; print('args', sys.argv[1:])")
+    assert (job().action, fold_state(tmp_path / "fold_0")) == ("trained", "new")
+    (tmp_path / "fold_0" / "checkpoint_latest.pth").touch()
+    resumed = job()
+    assert (resumed.action, resumed.returncode, resumed.command[-1]) == ("resumed", 0, "--c")
+    assert "args ['train', '--c']" in (tmp_path / "fold_0.log").read_text()
+    (tmp_path / "fold_0" / "checkpoint_final.pth").touch()
+    (tmp_path / "fold_0" / "validation").mkdir()
+    (tmp_path / "fold_0" / "validation" / "summary.json").write_text("{}")
+    assert job().action == "skipped"
+    with open(tmp_path / "fold_0" / LOCK, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 123 on elsewhere")
+        lock.flush()
+        busy = job()
+    assert (busy.status, busy.returncode) == ("failed", 1) and "pid 123 on elsewhere" in busy.note
+    assert fake_job(tmp_path, "import sys; sys.exit(3)", "fold_1")().status == "failed"
+
+
+def test_training_holds_the_fold_lock_while_it_runs(tmp_path):
+    """The lock passes to nnUNetv2_train itself: it outlives a killed job process."""
+    job = fake_job(tmp_path, "import time; time.sleep(3)")
+    thread = threading.Thread(target=job)
+    thread.start()
+    deadline = time.time() + 30
+    while not (holder := lock_holder(tmp_path / "fold_0")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert holder and holder.startswith(("pid ", "job pid "))
+    thread.join()
+    assert lock_holder(tmp_path / "fold_0") is None
+
+
+CANCELLED_SWEEP = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import submitit
+    from nnunet_segmamba.tools import sweep
+    root = Path(sys.argv[1])
+    jobs = [sweep.FoldJob(f"fold {i}", [sys.executable, "-c", "import time; time.sleep(300)"], str(root / f"fold_{i}"),
+                          str(root / f"{i}.log"), {}) for i in range(3)]
+    executor = submitit.AutoExecutor(folder=root / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=60)
+    sweep.interrupt_on_termination()
+    try:
+        sweep.run_jobs(executor, jobs, 2, True, {"nnUNet_extTrainer": ""}, sweep.Progress())
+    except KeyboardInterrupt:
+        sys.exit(130)
+""")
+
+
+def test_sigterm_cancels_the_jobs_in_flight_and_their_trainings(tmp_path):
+    """submitit's local executor leaves its jobs running when the submitting process ends: the sweep cancels them
+    on SIGTERM (as on Ctrl-C) and waits until their trainings are gone; also when started with SIGINT ignored (as
+    a script's background job is), which its jobs' processes would inherit, and submitit cancels with SIGINT."""
+    process = subprocess.Popen([sys.executable, "-c", CANCELLED_SWEEP, str(tmp_path)], start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not all((lock_holder(tmp_path / f"fold_{i}") or "").startswith("pid ")
+                                                  for i in range(2)):
+            time.sleep(0.1)
+        trainings = [int(lock_holder(tmp_path / f"fold_{i}").split()[1]) for i in range(2)]
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=90)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and "Traceback" not in output, output
+    assert output.count("] cancel ") == 2 and "fold 2" not in output, output  # at most 2 in flight: the third never ran
+    assert not any(map(alive, trainings)) and not any(lock_holder(tmp_path / f"fold_{i}") for i in range(3))
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
