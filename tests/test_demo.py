@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,9 @@ def test_demo_trains_predicts_evaluates_and_reports(tmp_path):
     report = json.loads((workspace / "report.json").read_text())
     assert [row["trainer"] for row in report["rows"]] == ["nnUNetTrainer_demo", "nnUNetTrainerSegMambaV2_demo"]
     assert all(0 <= row["mean_dice"] <= 1 and row["params_m"] > 0 for row in report["rows"])
-    assert (workspace / "dice.png").stat().st_size > 0 and "![test Dice" in (workspace / "report.md").read_text()
+    assert all(set(row["dice"]) == {"blob_left", "blob_right", "tube", "speck"} for row in report["rows"])
+    assert "1 epochs x 2 iterations (batch 2), cpu" in report["title"]  # the budget, in the report
+    assert (workspace / "demo.png").stat().st_size > 0 and "](demo.png)" in (workspace / "report.md").read_text()
     assert all(not any(folder.iterdir()) for folder in user.values())  # the user's nnU-Net folders untouched
     assert "nnunet-segmamba compare -d 990" in result.stdout
     # the workspace feeds `compare` as the demo's last line says
@@ -85,3 +88,21 @@ def test_steps_side_by_side_log_each_and_a_failure_stops_the_others(tmp_path):
         run_steps({"slow": [*python, "import time; time.sleep(60)"],
                    "broken": [*python, "import sys; print('bad input'); sys.exit(3)"]}, workspace, dict(os.environ))
     assert time.time() - started < 30  # the slow step was stopped, not waited for
+
+
+def test_the_picture_shows_each_trainer_beside_the_ground_truth(tmp_path):
+    from matplotlib.image import imread
+
+    from nnunet_segmamba.tools import demo_report
+
+    label = np.zeros((5, 8, 8), np.uint8)
+    label[1, 2, 2], label[3, 1:3, 1:3], label[3, 5, 5] = 1, 1, 2  # slice 3 shows two classes
+    assert demo_report.most_telling_slice(label) == 3
+    curves = {"a_demo": {"train_losses": [1.0, 0.5], "mean_fg_dice": [0.3, 0.7], "ema_fg_dice": [0.2, 0.6]}}
+    widths = []
+    for trainers in (["a_demo"], ["a_demo", "b_demo", "c_demo", "d_demo", "e_demo"]):
+        path = tmp_path / f"{len(trainers)}.png"
+        demo_report.plot(path, np.random.rand(5, 8, 8), label, {t: label for t in trainers},
+                         {t: curves["a_demo"] for t in trainers}, ["one", "two"], "title")
+        widths.append(imread(path).shape[1])
+    assert widths[1] > widths[0]  # a column per trainer

@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnunet_segmamba.datasets.synthetic import LABELS
-
 MARKER = ".nnunet_segmamba_demo"
 PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
 """The user's values of these never reach the demo's commands (its settings such as nnUNet_def_n_proc do)."""
@@ -33,20 +31,19 @@ TRAINERS = ["nnUNetTrainerLateral", "nnUNetTrainerSegMambaV2", "nnUNetTrainerSeg
 
 @dataclass(frozen=True)
 class Budget:
-    """How much data and training a demo run gets."""
+    """What a demo run generates and trains by default."""
 
     preset: str
-    shape: tuple[int, int, int]
     cases: int
     test_cases: int
     epochs: int
     iterations: int
+    trainers: tuple[str, ...]
 
 
-BUDGETS = {  # four default trainers, a smoke run (Dice stays low): cpu measured ~10 min on 2 cores (BENCHMARKS.md);
-    # gpu sized for ~9 min on an H100 from measured step times, the whole run not yet measured
-    "cpu": Budget("iso", (16, 40, 40), cases=6, test_cases=2, epochs=3, iterations=6),
-    "gpu": Budget("iso", (48, 64, 64), cases=20, test_cases=4, epochs=5, iterations=50),
+BUDGETS = {  # sized from measurements on a 2-core CPU and an H200 (BENCHMARKS.md, "The demo")
+    "cpu": Budget("demo", cases=12, test_cases=4, epochs=10, iterations=40, trainers=TRAINERS[:2]),
+    "gpu": Budget("demo", cases=20, test_cases=5, epochs=20, iterations=50, trainers=TRAINERS),
 }
 PROGRESS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Epoch time", "Preprocessing",
             "predicting", "Training done")
@@ -138,63 +135,9 @@ def run_steps(steps: dict[str, list[str]], workspace: Workspace, env: dict[str, 
     return seconds
 
 
-def parameters(trainer_name: str, workspace: Workspace, dataset: str) -> float:
-    """Millions of parameters of the trainer's network for the demo's plans."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_segmamba.tools.environment import find_trainer
-
-    folder = workspace.results / dataset / f"{trainer_name}__nnUNetPlans__3d_fullres"
-    plans, dataset_json = PlansManager(load_json(str(folder / "plans.json"))), load_json(str(folder / "dataset.json"))
-    configuration = plans.get_configuration("3d_fullres")
-    network = find_trainer(trainer_name).build_network_architecture(
-        plans, configuration, determine_num_input_channels(plans, configuration, dataset_json),
-        plans.get_label_manager(dataset_json).num_segmentation_heads, False)
-    return sum(p.numel() for p in network.parameters()) / 1e6
-
-
-def report(rows: list[dict], workspace: Workspace, budget: Budget, epochs: int, iterations: int,
-           device: str) -> str:
-    """The comparison table; writes report.md, report.json and dice.png into the workspace atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    classes = [name for name, value in LABELS.items() if value]
-    header = ["trainer", *classes, "mean Dice (test)", "Dice (val, fold 0)", "train min", "params M"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["trainer"], *(f"{row['dice'][c]:.3f}" for c in classes), f"{row['mean_dice']:.3f}",
-                 f"{row['validation_dice']:.3f}", f"{row['train_seconds'] / 60:.1f}", f"{row['params_m']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    title = (f"Demo on generated data ({budget.cases} training / {budget.test_cases} test cases, shape ~"
-             f"{'x'.join(map(str, budget.shape))}), fold 0, {epochs} epochs x {iterations} iterations, {device}"
-             f"{' (test prediction without mirroring)' if device == 'cpu' else ''}")
-
-    figure, axis = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        axis.bar([c + i * width for c in range(len(classes))], [row["dice"][c] for c in classes], width,
-                 label=row["trainer"])
-    axis.set_xticks([c + 0.4 - width / 2 for c in range(len(classes))], classes)
-    axis.set_ylabel("test Dice")
-    axis.set_ylim(0, 1)
-    axis.legend(fontsize=8)
-    axis.set_title("nnunet-segmamba demo", fontsize=10)
-    figure.tight_layout()
-
-    staging = Path(tempfile.mkdtemp(dir=workspace.root, prefix=".report."))
-    figure.savefig(staging / "dice.png", dpi=100)
-    (staging / "report.md").write_text(f"# {title}\n\n{table}\n\n![test Dice per class](dice.png)\n")
-    (staging / "report.json").write_text(json.dumps({"title": title, "rows": rows}, indent=2))
-    for item in staging.iterdir():
-        item.replace(workspace.root / item.name)
-    staging.rmdir()
-    return f"{title}\n\n{table}"
+def batch_size(model_folder: Path, configuration: str = "3d_fullres") -> int:
+    plans = json.loads((model_folder / "plans.json").read_text())
+    return plans["configurations"][configuration]["batch_size"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", default="nnunet_segmamba_demo", help="folder of its own (replaced if it "
                         "holds an earlier demo; default ./nnunet_segmamba_demo)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
-    parser.add_argument("-tr", "--trainers", nargs="+", default=TRAINERS, help=f"default: {' '.join(TRAINERS)}")
+    parser.add_argument("-tr", "--trainers", nargs="+", help=f"default on the CPU: {' '.join(BUDGETS['cpu'].trainers)}; "
+                        f"with CUDA: {' '.join(BUDGETS['gpu'].trainers)}")
     parser.add_argument("--epochs", type=int, help="override the budget's epochs")
     parser.add_argument("--iterations", type=int, help="override the budget's iterations per epoch")
 
@@ -211,8 +155,10 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from nnunet_segmamba.datasets.raw import write_raw_dataset
-    from nnunet_segmamba.datasets.synthetic import spec_from_preset
+    from nnunet_segmamba.datasets.tasks import task_from_preset
+    from nnunet_segmamba.tools import demo_report
     from nnunet_segmamba.tools.environment import find_trainer
+    from nnunet_segmamba.tools.results import parameter_count
     from nnunet_segmamba.training.variants import write_variants_module
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -224,18 +170,18 @@ def main(args: argparse.Namespace) -> int:
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # this process's own trainer lookups
     try:
         try:
-            bases = {name: find_trainer(name) for name in args.trainers}
+            bases = {name: find_trainer(name) for name in args.trainers or budget.trainers}
         except RuntimeError as error:
             raise StepFailed(str(error).split(" in nnunetv2")[0] + ": is the name right?") from error
         workspace.prepare()
         print(f"nnunet-segmamba demo: workspace {workspace.root}, device {device}, trainers {', '.join(bases)}")
-        print(f"\n>> generating {budget.cases} + {budget.test_cases} cases ({budget.preset}, {budget.shape})")
-        spec = spec_from_preset(budget.preset, shape=budget.shape)
+        spec = task_from_preset(budget.preset)
+        print(f"\n>> generating {budget.cases} + {budget.test_cases} cases ({budget.preset}: {spec})")
         raw = write_raw_dataset(workspace.raw, DATASET_ID, "Demo", spec, budget.cases, budget.test_cases, seed=0,
                                 processes=max(1, min(8, (os.cpu_count() or 2) // 2)))
         dataset = raw.name
         short = {f"{name}_demo": (base, {"num_epochs": epochs, "num_iterations_per_epoch": iterations,
-                                         "num_val_iterations_per_epoch": max(1, iterations // 5)})
+                                         "num_val_iterations_per_epoch": max(1, iterations // 10)})
                  for name, base in bases.items()}
         write_variants_module(workspace.trainers, "demo_trainers", short)
         run_steps({"plan_and_preprocess": ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c",
@@ -260,15 +206,23 @@ def main(args: argparse.Namespace) -> int:
         for stage, commands in (("predict", predict), ("evaluate", evaluate)):
             for group in groups:
                 run_steps({f"{stage}_{name}": commands[name] for name in group}, workspace, env)
+        classes = {name: value for name, value in spec.labels.items() if value}
         rows = []
         for name, model in models.items():
             test = json.loads((workspace.predictions / name / "summary.json").read_text())
             validation = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
-            rows.append({"trainer": name, "dice": {c: test["mean"][str(v)]["Dice"] for c, v in LABELS.items() if v},
+            rows.append({"trainer": name, "dice": {c: test["mean"][str(v)]["Dice"] for c, v in classes.items()},
                          "mean_dice": test["foreground_mean"]["Dice"],
                          "validation_dice": validation["foreground_mean"]["Dice"], "train_seconds": seconds[name],
-                         "params_m": parameters(name, workspace, dataset)})
-        print("\n" + report(rows, workspace, budget, epochs, iterations, device))
+                         "params_m": parameter_count(model, name, "3d_fullres")})
+        title = (f"Demo on generated data ({budget.cases} training / {budget.test_cases} test cases of about "
+                 f"{'x'.join(map(str, spec.shape))} voxels), fold 0, {epochs} epochs x {iterations} iterations "
+                 f"(batch {batch_size(models[next(iter(models))])}), {device}"
+                 f"{' (test prediction without mirroring)' if device == 'cpu' else ''}")
+        case = sorted((raw / "labelsTs").iterdir())[0]
+        shown = {"image": raw / "imagesTs" / case.name.replace(".nii.gz", "_0000.nii.gz"), "label": case}
+        print("\n" + demo_report.write(workspace.root, title, rows, list(classes), shown, models,
+                                       {name: workspace.predictions / name / case.name for name in models}))
     except (StepFailed, OSError) as error:  # OSError: the workspace cannot be written (read-only, disk full)
         print(f"\nerror: {error}", file=sys.stderr)
         return 1
@@ -276,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"\ninterrupted: the demo stopped; {workspace.root} holds the steps done so far (no report). "
               "Run the demo again to start over.", file=sys.stderr)
         return 130
-    print(f"\nReport: {workspace.root / 'report.md'} (plot: dice.png); {time.time() - started:.0f} s in all.\n"
+    print(f"\nReport: {workspace.root / 'report.md'} (picture: demo.png); {time.time() - started:.0f} s in all.\n"
           f"Compare the trainers' fold-0 results with:\n  nnUNet_results={workspace.results} nnunet-segmamba "
           f"compare -d {DATASET_ID} -tr {' '.join(short)} --baseline {next(iter(short))} -f 0 "
           f"-o {workspace.root / 'compare'}")
