@@ -16,7 +16,7 @@ import pytest
 from nnunet_segmamba.cli import main
 from nnunet_segmamba.datasets.raw import write_raw_dataset
 from nnunet_segmamba.datasets.tasks import task_from_preset
-from nnunet_segmamba.tools.sweep import LOCK, FoldJob, fold_state, lock_holder
+from nnunet_segmamba.tools.sweep_jobs import LOCK, FoldJob, fold_state, lock_holder
 from tests.folders import nnunet_folders
 
 BIN = Path(sys.executable).parent

@@ -43,7 +43,7 @@ class Budget:
 
 BUDGETS = {  # sized from measurements on a 2-core CPU and an H200 (BENCHMARKS.md, "The demo")
     "cpu": Budget("demo", cases=12, test_cases=4, epochs=10, iterations=40, trainers=TRAINERS[:2]),
-    "gpu": Budget("demo", cases=20, test_cases=5, epochs=20, iterations=50, trainers=TRAINERS),
+    "gpu": Budget("demo", cases=20, test_cases=5, epochs=12, iterations=50, trainers=TRAINERS),
 }
 PROGRESS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Epoch time", "Preprocessing",
             "predicting", "Training done")

@@ -80,7 +80,7 @@ def plot(path: Path, image: np.ndarray, label: np.ndarray, predictions: dict[str
     loss.set(xlabel="epoch", ylabel="training loss (Dice + CE)")
     dice.set(xlabel="epoch", ylabel="validation pseudo Dice", ylim=(0, 1))
     dice.legend(fontsize=7, loc="lower right")
-    figure.suptitle(textwrap.fill(title, 150), fontsize=9, x=0.01, ha="left")
+    figure.suptitle(textwrap.fill(title, 115), fontsize=9, x=0.01, ha="left")
     figure.tight_layout(rect=(0, 0, 1, 0.93))
     figure.savefig(path, dpi=100)
     plt.close(figure)

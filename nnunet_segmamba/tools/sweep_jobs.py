@@ -1,0 +1,130 @@
+"""One fold of a sweep: the stock nnUNetv2_train as a picklable submitit job, with a lock per fold folder.
+
+The job decides under the fold's lock whether to skip it (finished), continue it (`--c`) or train it fresh, so no
+two trainings of a fold run at once, whichever sweep (or a killed sweep's leftover job) started them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from submitit.helpers import Checkpointable
+
+LOCK = ".nnunet_segmamba_sweep.lock"
+"""In each fold folder: held (flock) by the job training it and by its nnUNetv2_train, so no two trainings of a
+fold run at once, whichever sweep (or killed sweep's leftover) started them."""
+
+def fold_state(folder: Path) -> str:
+    """'finished' (checkpoint_final.pth and validation/summary.json), 'interrupted' (a checkpoint nnU-Net's --c
+    continues from) or 'new'."""
+    if (folder / "checkpoint_final.pth").is_file():
+        return "finished" if (folder / "validation" / "summary.json").is_file() else "interrupted"
+    return "interrupted" if (folder / "checkpoint_latest.pth").is_file() else "new"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a fold's job did: trained, resumed, skipped (finished meanwhile) or busy (trained elsewhere)."""
+
+    action: str
+    returncode: int
+    seconds: float
+    command: list[str]
+    note: str = ""
+
+    @property
+    def status(self) -> str:
+        return self.action if self.returncode == 0 else "failed"
+
+
+@dataclass(frozen=True)
+class FoldJob(Checkpointable):
+    """One fold's nnUNetv2_train, run by submitit (on Slurm requeued after a time-out, then continued with --c)."""
+
+    label: str
+    command: list[str]
+    folder: str
+    log: str
+    env: dict[str, str | None]
+    """Changes to the job's environment (None: unset)."""
+
+    def __call__(self) -> JobResult:
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / LOCK, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return JobResult("busy", 1, 0.0, self.command, f"another process trains this fold ({holder(lock)}): "
+                                 "wait for it or stop it, then run the sweep again")
+            write_holder(lock, f"job pid {os.getpid()}")
+            state = fold_state(folder)
+            if state == "finished":
+                return JobResult("skipped", 0, 0.0, self.command)
+            command = [*self.command, "--c"] if state == "interrupted" else self.command
+            started = time.time()
+            returncode = run_logged(command, self.env, Path(self.log), lock)
+            return JobResult("resumed" if state == "interrupted" else "trained", returncode, time.time() - started,
+                             command)
+
+
+def holder(lock: IO[str]) -> str:
+    """Who holds a fold's lock, as its holder wrote it."""
+    lock.seek(0)
+    return lock.read().strip() or "pid unknown"
+
+
+def write_holder(lock: IO[str], process: str) -> None:
+    lock.truncate(0)
+    lock.write(f"{process} on {socket.gethostname()}")
+    lock.flush()
+
+
+def lock_holder(folder: Path) -> str | None:
+    """Who trains the fold now, or None."""
+    if not (folder / LOCK).is_file():
+        return None
+    with open(folder / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return holder(lock)
+    return None
+
+
+def run_logged(command: list[str], changes: dict[str, str | None], log: Path, lock: IO[str]) -> int:
+    """Run `command` with its output appended to `log`; it inherits the fold's lock. Its exit code."""
+    env = {**os.environ, **{k: v for k, v in changes.items() if v is not None}}
+    for name in [k for k, v in changes.items() if v is None]:
+        env.pop(name, None)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        out.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {shlex.join(command)}\n")
+        out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fileno(),))
+        write_holder(lock, f"pid {process.pid}")
+        try:
+            return process.wait()
+        except BaseException:  # cancelled (SIGINT from submitit, Ctrl-C) or timed out on Slurm (SystemExit)
+            stop(process)
+            raise
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGINT (nnU-Net exits and ends its augmentation workers), SIGKILL if it is still there after 30 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
