@@ -125,8 +125,9 @@ def table(comparison: dict, timings: dict[int, dict], trainers: list[str], suffi
                 lines.append(f"| {TASKS[dataset_id][0]} | {trainer} | missing | | | | | | |")
                 continue
             versus = ("baseline", "") if trainer == BASELINE else (f"{row['mean_diff']:+.3f}", f"{row['p_holm']:.2g}")
-            lines.append(f"| {TASKS[dataset_id][0]} | {trainer} | {'; '.join(per_class.get((dataset, row['method']), []))}"
-                         f" | {row['dice']:.3f} ± {row['std_folds']:.3f} | {versus[0]} | {versus[1]} | "
+            classes = "; ".join(per_class.get((dataset, row["method"]), []))
+            lines.append(f"| {TASKS[dataset_id][0]} | {trainer} | {classes} | "
+                         f"{row['dice']:.3f} ± {row['std_folds']:.3f} | {versus[0]} | {versus[1]} | "
                          f"{bench.get('params_m', float('nan')):.1f} | "
                          f"{bench.get('train_step_ms', float('nan')):.0f} | "
                          f"{bench.get('train_peak_gib') or float('nan'):.2f} |")

@@ -2,9 +2,10 @@
 
 In its own workspace (nnUNet_raw/preprocessed/results of its own, never the user's): generate a dataset,
 nnUNetv2_plan_and_preprocess, then for nnU-Net's trainer (with our left/right-aware mirroring, as ours: the
-generated blob_left/blob_right are a lateral pair) and each of ours, with a short budget:
-nnUNetv2_train (fold 0), nnUNetv2_predict on the held-out cases, nnUNetv2_evaluate_folder; finally a
-comparison table (test Dice per class and mean, validation Dice, training time, parameters) and a plot.
+generated blob_left/blob_right are a lateral pair) and ours (SegMamba-V2 on the CPU, all three with CUDA), with a
+budget that learns the task: nnUNetv2_train (fold 0), nnUNetv2_predict on the held-out cases,
+nnUNetv2_evaluate_folder; finally a table (test Dice per class and mean, validation Dice, training time,
+parameters) and a picture (`demo_report`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -41,7 +41,7 @@ class Budget:
     trainers: tuple[str, ...]
 
 
-BUDGETS = {  # sized from measurements on a 2-core CPU and an H200 (BENCHMARKS.md, "The demo")
+BUDGETS = {  # cpu: 524 s on 2 cores, test Dice 0.95-0.96 (BENCHMARKS.md, "The demo"); gpu: not yet measured
     "cpu": Budget("demo", cases=12, test_cases=4, epochs=10, iterations=40, trainers=TRAINERS[:2]),
     "gpu": Budget("demo", cases=20, test_cases=5, epochs=12, iterations=50, trainers=TRAINERS),
 }
@@ -145,8 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace", default="nnunet_segmamba_demo", help="folder of its own (replaced if it "
                         "holds an earlier demo; default ./nnunet_segmamba_demo)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
-    parser.add_argument("-tr", "--trainers", nargs="+", help=f"default on the CPU: {' '.join(BUDGETS['cpu'].trainers)}; "
-                        f"with CUDA: {' '.join(BUDGETS['gpu'].trainers)}")
+    parser.add_argument("-tr", "--trainers", nargs="+", help=f"default on the CPU: "
+                        f"{' '.join(BUDGETS['cpu'].trainers)}; with CUDA: {' '.join(BUDGETS['gpu'].trainers)}")
     parser.add_argument("--epochs", type=int, help="override the budget's epochs")
     parser.add_argument("--iterations", type=int, help="override the budget's iterations per epoch")
 
