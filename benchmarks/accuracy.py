@@ -24,7 +24,7 @@ import numpy as np
 
 from nnunet_segmamba.datasets.raw import write_raw_dataset
 from nnunet_segmamba.datasets.tasks import task_from_preset
-from nnunet_segmamba.tools.environment import hook_paths, trainers_folder
+from nnunet_segmamba.tools.environment import ext_trainer_folders
 
 TASKS = {  # dataset id: (name, preset, overrides, what it stresses)
     981: ("Lateral", "iso", {"shape": (40, 48, 48)}, "left/right pair told apart by position, tube, speck"),
@@ -153,7 +153,7 @@ def main() -> None:
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **{k: str(v) for k, v in folders.items()}, "nnUNet_compile": "f", "PYTHONUNBUFFERED": "1",
-           "nnUNet_extTrainer": os.pathsep.join(dict.fromkeys([trainers_folder(), *hook_paths()]))}
+           "nnUNet_extTrainer": ext_trainer_folders()}
     prepare(workspace, args.tasks, args.cases, env)
     sweep(workspace, args.tasks[:1], [BASELINE], args.folds[:1], 1, args, env)  # alone: what concurrency buys
     returncode = sweep(workspace, args.tasks, trainers, args.folds, args.jobs, args, env)

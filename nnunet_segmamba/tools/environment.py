@@ -27,11 +27,14 @@ def hook_is_set() -> bool:
     return trainers_folder() in hook_paths()
 
 
+def ext_trainer_folders(*first: str) -> str:
+    """A value for nnUNet_extTrainer: `first`, then our trainers folder, then the folders already listed."""
+    return os.pathsep.join(dict.fromkeys([*first, trainers_folder(), *hook_paths()]))
+
+
 def export_line() -> str:
     """`export nnUNet_extTrainer=...` with our folder first and any other folders already listed kept."""
-    ours = trainers_folder()
-    paths = [ours] + [p for p in hook_paths() if p != ours]
-    return f"export {EXT_TRAINER_ENV}={shlex.quote(os.pathsep.join(paths))}"
+    return f"export {EXT_TRAINER_ENV}={shlex.quote(ext_trainer_folders())}"
 
 
 def find_trainer(name: str) -> type:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from nnunet_segmamba.tools.environment import ext_trainer_folders
 from nnunet_segmamba.tools.sweep_jobs import FoldJob, JobResult, fold_state, lock_holder
 
 if TYPE_CHECKING:
@@ -62,13 +63,6 @@ def budget_of(args: argparse.Namespace) -> tuple[str, dict[str, int]]:
         attributes.update(num_iterations_per_epoch=args.iterations,
                           num_val_iterations_per_epoch=max(1, args.iterations // 5))
     return (f"_{suffix}" if suffix else ""), attributes
-
-
-def ext_trainer_folders(*first: str) -> str:
-    """nnUNet_extTrainer with `first`, then our trainers folder, then the user's own folders."""
-    from nnunet_segmamba.tools.environment import hook_paths, trainers_folder
-
-    return os.pathsep.join(dict.fromkeys([*first, trainers_folder(), *hook_paths()]))
 
 
 def check_folders() -> None:
