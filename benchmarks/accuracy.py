@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tasks", type=int, nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("-tr", "--trainers", nargs="+", default=TRAINERS, help="default: all seven")
+    parser.add_argument("--no-alone", action="store_true", help="skip the lone baseline fold (no concurrency line)")
+    parser.add_argument("--no-timings", action="store_true", help="skip the step time and peak memory runs")
     args = parser.parse_args()
     trainers = [BASELINE, *(t for t in args.trainers if t != BASELINE)]
 
@@ -155,9 +157,10 @@ def main() -> None:
     env = {**os.environ, **{k: str(v) for k, v in folders.items()}, "nnUNet_compile": "f", "PYTHONUNBUFFERED": "1",
            "nnUNet_extTrainer": ext_trainer_folders()}
     prepare(workspace, args.tasks, args.cases, env)
-    sweep(workspace, args.tasks[:1], [BASELINE], args.folds[:1], 1, args, env)  # alone: what concurrency buys
+    if not args.no_alone:
+        sweep(workspace, args.tasks[:1], [BASELINE], args.folds[:1], 1, args, env)  # alone: what concurrency buys
     returncode = sweep(workspace, args.tasks, trainers, args.folds, args.jobs, args, env)
-    timings = benchmark(workspace, args.tasks, trainers, env)
+    timings = {d: {} for d in args.tasks} if args.no_timings else benchmark(workspace, args.tasks, trainers, env)
     comparison = json.loads((workspace / "sweep" / "compare" / "compare.json").read_text())
     suffix = f"_e{args.epochs}i{args.iterations}"
     print(f"\nAccuracy at a fixed budget ({args.epochs} epochs x {args.iterations} iterations, folds "
@@ -165,7 +168,8 @@ def main() -> None:
           f"up to {args.jobs} trainings at once on one GPU); step time and peak memory: one training step of the "
           f"network at the task's plans, alone\n")
     print(table(comparison, timings, trainers, suffix, folders["nnUNet_raw"]))
-    print("\n" + concurrency_note(workspace, args.tasks[0], suffix, args.folds, args.jobs))
+    if not args.no_alone:
+        print("\n" + concurrency_note(workspace, args.tasks[0], suffix, args.folds, args.jobs))
     sys.exit(returncode)
 
 
