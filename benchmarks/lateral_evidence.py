@@ -4,7 +4,7 @@ Trains side by side on one GPU, for the same budget: nnU-Net's nnUNetTrainer (it
 nnUNetTrainerLateral and nnUNetTrainerSegMambaV2, each in mode swap and exclude; then nnUNetv2_predict on the
 held-out cases (test-time mirroring on), nnUNetv2_evaluate_folder, and a table of test Dice per class.
 
-    python3 -u .ci/lateral-evidence.py [--epochs 12] [--iterations 50] [--folds 0 1 2] [--workspace /tmp/lateral]
+    python3 -u benchmarks/lateral_evidence.py [--epochs 12] [--iterations 50] [--folds 0 1 2] [--workspace /tmp/lateral]
 """
 
 from __future__ import annotations

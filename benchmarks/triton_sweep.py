@@ -1,7 +1,7 @@
 """Launch settings of the Triton scan on this GPU: the scan alone (tri-orientated layer's channels, forward +
 backward, batch 2) per setting of `triton_scan`'s module constants, against mamba-ssm's kernel, same run.
 
-    source .device-kit/activate.sh; .ci/gpu sweep-triton   (on the GPU machine)
+    source .device-kit/activate.sh; benchmarks/gpu sweep-triton   (on the GPU machine)
 """
 
 import torch

@@ -2,7 +2,7 @@
 """GPU experiment (not run by CI): the triton backend's token orders read in place (`triton_orders`) against
 gathering copies, side by side in one run.
 
-  .ci/orders-variants.py layer [eager]   Mamba layer fwd+bwd at a 128^3 plan's stages, eager [and compiled]
+  benchmarks/orders_variants.py layer [eager]   Mamba layer fwd+bwd at a 128^3 plan's stages, eager [and compiled]
 
 Variants of the triton backend: in-place (as shipped), gather (copies + ATen conv1d, as in session 9),
 gather-shifted (copies + the conv1d as shifted multiply-adds, which inductor fuses).
