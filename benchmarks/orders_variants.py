@@ -4,7 +4,7 @@ gathering copies, side by side in one run.
 
   benchmarks/orders_variants.py layer [eager]   Mamba layer fwd+bwd at a 128^3 plan's stages, eager [and compiled]
 
-Variants of the triton backend: in-place (as shipped), gather (copies + ATen conv1d, as in session 9),
+Variants of the triton backend: in-place (as shipped), gather (copies + ATen conv1d, as before the in-place kernels),
 gather-shifted (copies + the conv1d as shifted multiply-adds, which inductor fuses).
 """
 

@@ -10,7 +10,8 @@ from nnunet_segmamba.mamba import triton_scan
 from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
 
 SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK, PARTIAL_SUMS); PROGRAMS_PER_SM 0: one segment (no
-    # split); PARTIAL_SUMS 1024: a slice per channel block. Edit to try others: earlier sweeps are in BENCHMARKS.md.
+    # split); PARTIAL_SUMS 1024: a slice per channel block. Edit to try others; the latest sweep: BENCHMARKS.md,
+    # "Triton scan launch settings".
     (8, 1, 512, 32, 1), (8, 1, 512, 32, 4), (8, 1, 512, 32, 1024),
 ]
 NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "MAX_TILE", "CHUNK", "PARTIAL_SUMS")

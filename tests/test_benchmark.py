@@ -5,8 +5,10 @@ import json
 import pytest
 
 from nnunet_segmamba.cli import main
-from nnunet_segmamba.tools.benchmark import (CATEGORIES, KERNEL_CATEGORIES, PRESETS, Result, format_compiled,
-                                             kernel_category, preset_plans)
+from nnunet_segmamba.tools.benchmark.configurations import PRESETS, preset_plans
+from nnunet_segmamba.tools.benchmark.network import Result
+from nnunet_segmamba.tools.benchmark.profiling import CATEGORIES, KERNEL_CATEGORIES, kernel_category
+from nnunet_segmamba.tools.benchmark.report import format_compiled
 from tests import nnunet_plans
 
 
@@ -175,7 +177,7 @@ def test_compiled_step_runs_the_mamba_layers_on_the_compile_backend():
     import torch
 
     from nnunet_segmamba.mamba import Mamba
-    from nnunet_segmamba.tools.benchmark import compiled_training
+    from nnunet_segmamba.tools.benchmark.compiled import compiled_training
 
     network = torch.nn.Sequential(Mamba(8), Mamba(8))
     seen = []

@@ -11,7 +11,7 @@ from nnunet_segmamba.mamba.scan import selective_scan
 from nnunet_segmamba.networks.mambaclinix import MambaClinix
 from nnunet_segmamba.networks.plans import build_network
 from nnunet_segmamba.networks.segmamba import SegMamba, SegMambaV2
-from nnunet_segmamba.tools.benchmark import preset_plans
+from nnunet_segmamba.tools.benchmark.configurations import preset_plans
 from nnunet_segmamba.training.base import autocast_dtype
 
 pytestmark = pytest.mark.cuda

@@ -165,3 +165,14 @@ def test_plan_command_needs_the_fingerprint_and_the_folders(folders, monkeypatch
     monkeypatch.delenv("nnUNet_preprocessed")
     assert main(["plan", "-d", str(DATASET), "-pl", "SegMamba"]) == 2
     assert "nnUNet_preprocessed is not set" in capsys.readouterr().out
+
+
+def test_plan_command_says_the_raw_dataset_is_missing(folders, capsys):
+    raw = folders["nnUNet_raw"] / f"Dataset{DATASET}_Plan"
+    elsewhere = raw.rename(raw.with_name("moved_away"))
+    try:
+        assert main(["plan", "-d", str(DATASET), "-pl", "SegMambaV2"]) == 2
+    finally:
+        elsewhere.rename(raw)
+    out = capsys.readouterr().out
+    assert out.startswith("error: no raw dataset in") and "point nnUNet_raw" in out

@@ -1,5 +1,5 @@
 """What users hit: hand-edited plans, region-based labels, broken kernels, kernel limits, diverging runs,
-interrupted checkpoint writes, tools given bad input. (The README's troubleshooting table lists each case.)"""
+interrupted checkpoint writes, tools given bad input. (docs/troubleshooting.md lists each case.)"""
 
 import builtins
 import sys
@@ -15,7 +15,8 @@ from nnunet_segmamba.cli import main
 from nnunet_segmamba.mamba import backends
 from nnunet_segmamba.mamba.scan import selective_scan
 from nnunet_segmamba.networks.plans import build_network
-from nnunet_segmamba.networks.segmamba import SegMambaV2
+from nnunet_segmamba.networks.mambaclinix import MambaClinix
+from nnunet_segmamba.networks.segmamba import SegMamba, SegMambaV2
 from nnunet_segmamba.training.mambaclinix import nnUNetTrainerMambaClinixRST
 from nnunet_segmamba.training.segmamba import nnUNetTrainerSegMambaV2
 from tests import nnunet_plans
@@ -49,6 +50,16 @@ def test_hand_edited_patch_not_divisible_by_the_strides_names_both_keys():
     configuration.configuration["patch_size"] = [64, 64, 48]
     with pytest.raises(ValueError, match=r"patch_size \[64, 64, 48\] does not fit architecture.arch_kwargs.strides"):
         build_network(SegMambaV2, configuration, 1, 2, True)
+
+
+@pytest.mark.parametrize("network_class", [SegMambaV2, SegMamba, MambaClinix])
+@pytest.mark.parametrize("mamba", [True, False])
+def test_input_not_divisible_by_the_strides_is_one_clear_error_for_every_network(network_class, mamba):
+    plans = nnunet_plans.configuration([16, 32, 32], [[1, 1, 1]] + [[2, 2, 2]] * 3, [[3, 3, 3]] * 4, [4, 8, 16, 16])
+    network = build_network(network_class, plans, 1, 2, True, mamba=mamba)  # total stride (8, 8, 8)
+    with pytest.raises(ValueError, match=rf"{network_class.__name__}: input of spatial size \(16, 32, 36\) is not "
+                                         rf"divisible by the network's total stride \(8, 8, 8\)"):
+        network(torch.randn(1, 1, 16, 32, 36))
 
 
 def test_region_based_labels_train_with_nnunets_bce_loss(make_trainer):
@@ -240,5 +251,5 @@ def test_tools_refuse_unwritable_outputs_before_working(tmp_path, capsys):
     assert "Not a directory" in capsys.readouterr().err
     assert main(["benchmark", "--preset", "3d_64", "-tr", "nnUNetTrainer", "-o", str(blocker / "x.json")]) == 2
     assert "cannot write" in capsys.readouterr().out
-    assert main(["synth", "-d", "950", "--raw", str(blocker / "raw"), "--cases", "2"]) == 2
+    assert main(["synth", "-d", "950", "--raw", str(blocker / "raw"), "--cases", "5"]) == 2
     assert "error:" in capsys.readouterr().out

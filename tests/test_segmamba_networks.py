@@ -115,5 +115,5 @@ def test_plans_errors_name_the_key():
         build(SegMambaV2, configuration)
     with pytest.raises(ValueError, match=r"SegMambaV2: architecture.arch_kwargs does not take \[.unknown_option.\]"):
         build(SegMambaV2, nnunet_plans.iso(), unknown_option=1)
-    with pytest.raises(ValueError, match="not divisible by the network's total stride"):
+    with pytest.raises(ValueError, match="SegMambaV2: input of spatial size .* is not divisible by the network's total stride"):
         build(SegMambaV2, nnunet_plans.iso())(torch.randn(1, 2, 64, 64, 48))

@@ -177,15 +177,16 @@ CANCELLED_SWEEP = textwrap.dedent("""
     import sys
     from pathlib import Path
     import submitit
-    from nnunet_segmamba.tools import sweep
+    from nnunet_segmamba.tools import sweep_runner
+    from nnunet_segmamba.tools.sweep_jobs import FoldJob
     root = Path(sys.argv[1])
-    jobs = [sweep.FoldJob(f"fold {i}", [sys.executable, "-c", "import time; time.sleep(300)"], str(root / f"fold_{i}"),
+    jobs = [FoldJob(f"fold {i}", [sys.executable, "-c", "import time; time.sleep(300)"], str(root / f"fold_{i}"),
                           str(root / f"{i}.log"), {}) for i in range(3)]
     executor = submitit.AutoExecutor(folder=root / "submitit", cluster="local")
     executor.update_parameters(timeout_min=60)
-    sweep.interrupt_on_termination()
+    sweep_runner.interrupt_on_termination()
     try:
-        sweep.run_jobs(executor, jobs, 2, True, {"nnUNet_extTrainer": ""}, sweep.Progress())
+        sweep_runner.run_jobs(executor, jobs, 2, True, {"nnUNet_extTrainer": ""}, sweep_runner.Progress())
     except KeyboardInterrupt:
         sys.exit(130)
 """)

@@ -84,14 +84,31 @@ def test_existing_dataset_is_kept_and_a_failed_write_leaves_nothing(tmp_path, mo
 
 def test_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("nnUNet_raw", raising=False)
-    assert main(["synth", "-d", "907", "--preset", "2d", "--cases", "2", "--test-cases", "1"]) == 2
+    assert main(["synth", "-d", "907", "--preset", "2d", "--cases", "5", "--test-cases", "1"]) == 2
     assert "nnUNet_raw is not set" in capsys.readouterr().out
-    assert main(["synth", "-d", "907", "--preset", "2d", "--cases", "2", "--test-cases", "1", "--raw",
+    assert main(["synth", "-d", "907", "--preset", "2d", "--cases", "5", "--test-cases", "1", "--raw",
                  str(tmp_path), "-np", "1"]) == 0
-    assert (tmp_path / "Dataset907_Synth2d" / "imagesTs" / "Synth2d_002_0000.nii.gz").is_file()
-    assert main(["synth", "-d", "907", "--raw", str(tmp_path), "--cases", "2"]) == 2
-    assert "exists already" in capsys.readouterr().out
+    assert (tmp_path / "Dataset907_Synth2d" / "imagesTs" / "Synth2d_005_0000.nii.gz").is_file()
+    capsys.readouterr()
+    assert main(["synth", "-d", "907", "--raw", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error:") and "exists already" in out and "Generating" not in out
     assert main(["synth", "-d", "1000", "--raw", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--cases", "-3"], "at least 5 training cases"),
+    (["--cases", "2"], "5-fold cross-validation needs at least 5"),
+    (["--test-cases", "-1"], "0 or more test cases"),
+    (["--shape", "8", "0", "8"], "at least 1 voxel"),
+    (["--spacing", "1", "-1", "1"], "must be positive"),
+    (["-np", "0"], "1 or more processes"),
+])
+def test_cli_checks_arguments_before_any_output(tmp_path, capsys, arguments, message):
+    assert main(["synth", "-d", "909", "--raw", str(tmp_path / "raw"), *arguments]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error: ") and message in out and "Generating" not in out
+    assert not (tmp_path / "raw").exists()
 
 
 def test_thin_preset_draws_a_thinner_tube():

@@ -172,7 +172,7 @@ def test_kernels_compile_for_a_gpu():
     what it does not: the types of loop-carried values, constexpr branches, ptxas. And what makes them fast: the
     scans along the tokens stay inside each lane. The SUMMARY kernels hold no sums over channels, so their few
     shuffles are the sums over the states of a channel's two lanes; a reverse `tl.associative_scan` along the
-    in-lane token axis made the backward's 326 (BENCHMARKS.md, session 9)."""
+    in-lane token axis made the backward's 326 (BENCHMARKS.md, "Tried and rejected")."""
     shuffles = ast.literal_eval(compile_without_gpu(COMPILE_FOR_H100).strip().splitlines()[-1])
     assert set(shuffles) == {"_forward_kernel", "_backward_kernel"}
     assert max(shuffles.values()) <= 32, shuffles

@@ -47,6 +47,20 @@ def _write_case(folder: Path, split: str, case: str, spec: Task, seed: int) -> N
     write_nifti(label, spec.spacing, folder / f"labels{split}" / f"{case}.nii.gz")
 
 
+def datasets_with_id(raw_root: Path, dataset_id: int) -> list[Path]:
+    return sorted(raw_root.glob(f"Dataset{dataset_id:03d}_*")) if raw_root.is_dir() else []
+
+
+def check_target(raw_root: str | os.PathLike, dataset_id: int, name: str, overwrite: bool = False) -> Path:
+    """The dataset's folder under `raw_root`; FileExistsError if the id is taken and not `overwrite`."""
+    raw_root = Path(raw_root)
+    existing = datasets_with_id(raw_root, dataset_id)
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists already (dataset id {dataset_id} is taken); choose another "
+                              f"id or pass --overwrite to replace it.")
+    return raw_root / dataset_folder_name(dataset_id, name)
+
+
 def write_raw_dataset(raw_root: str | os.PathLike, dataset_id: int, name: str, spec: Task,
                       n_train: int, n_test: int, seed: int = 0, overwrite: bool = False,
                       processes: int = 1) -> Path:
@@ -56,11 +70,7 @@ def write_raw_dataset(raw_root: str | os.PathLike, dataset_id: int, name: str, s
     leaves nothing half-written. An existing dataset is an error unless `overwrite`.
     """
     raw_root = Path(raw_root)
-    target = raw_root / dataset_folder_name(dataset_id, name)
-    existing = sorted(raw_root.glob(f"Dataset{dataset_id:03d}_*")) if raw_root.is_dir() else []
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists already (dataset id {dataset_id} is taken); choose another "
-                              f"id or pass --overwrite to replace it.")
+    target = check_target(raw_root, dataset_id, name, overwrite)
     if n_train < 2:
         raise ValueError("A dataset needs at least 2 training cases (nnU-Net splits them for validation).")
     raw_root.mkdir(parents=True, exist_ok=True)
@@ -88,7 +98,7 @@ def write_raw_dataset(raw_root: str | os.PathLike, dataset_id: int, name: str, s
             "nnunet_segmamba_synth": {"task": type(spec).__name__, **asdict(spec), "seed": seed, "test_cases": n_test},
         }
         (staging / "dataset.json").write_text(json.dumps(description, indent=2))
-        for old in existing:
+        for old in datasets_with_id(raw_root, dataset_id):
             shutil.rmtree(old)
         staging.rename(target)
     except BaseException:

@@ -3,8 +3,8 @@
 Modes: "exclude" (the default where lateral pairs exist) takes the left-right axis out of nnU-Net's mirror axes, in
 training and test-time mirroring; "swap" mirrors along every axis as nnU-Net does, and a flip along the left-right
 axis swaps the paired labels (training) or output channels (test-time mirroring); "off" is nnU-Net's mirroring as
-it is. Exclude is the default because it scored as well or better in our measurement (BENCHMARKS.md, "Lateral
-labels": one fold, H200).
+it is. Exclude is the default because it scored as well or better in our measurement (BENCHMARKS.md,
+"Accuracy": one fold, H200).
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ class ScanOps:
     sum_over_orders: Callable[..., Tensor] | None = None
     """`sum_orders` without copies (`triton_orders.sum_over_orders`); None: the sum of `TokenOrder.scatter`s.
     Both run eager only: under torch.compile the copies fuse into inductor's kernels, which was as fast at 32^3
-    tokens and faster below (H200, BENCHMARKS.md session 10: 4.1 vs 4.8 ms at 16^3, 3.5 vs 5.8 ms at 8^3)."""
+    tokens and faster below (H200, BENCHMARKS.md, "The Mamba layer: token orders in place vs copies": 4.1 vs 4.8 ms
+    at 16^3, 3.5 vs 5.8 ms at 8^3)."""
 
     def conv_in_orders(self, x: Tensor, grid: Sequence[int], orders: Sequence[TokenOrder], weight: Tensor,
                        bias: Tensor | None) -> Tensor:
@@ -251,10 +252,10 @@ def _resolve(choice: str, device_type: str, device_index: int | None) -> ScanOps
 
 COMPILED_BACKEND = "triton"
 """What `auto` means for a network under torch.compile: Triton kernels compile into the graph, while mamba-ssm's
-are calls that dynamo cannot trace (a graph break at every scan). H200, 128^3 plan, batch 2 (BENCHMARKS.md):
-compiled with the Triton scan a training step of SegMamba-V2 / SegMamba / MambaClinix takes 74.6 / 110.9 /
-116.4 ms, no graph breaks, against 112 / 126 / 194 ms eager with mamba-ssm's kernels; compiling SegMamba and
-MambaClinix with mamba-ssm's kernels had not finished after 580 s."""
+are calls that dynamo cannot trace (a graph break at every scan). H200, 128^3 plan, batch 2 (BENCHMARKS.md,
+"torch.compile"): compiled with the Triton scan a training step of SegMamba-V2 / SegMamba / MambaClinix takes 73.1 /
+97.4 / 116.7 ms, no graph breaks, against 112.8 / 123.2 / 192.0 ms eager with mamba-ssm's kernels (same run);
+compiling SegMamba and MambaClinix with mamba-ssm's kernels had not finished after 580 s."""
 
 
 def backend_for_compile(device: torch.device) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import pydoc
-from typing import Any
+from typing import Any, Sequence
 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
@@ -31,6 +31,11 @@ def arch_kwargs(configuration: ConfigurationManager) -> dict[str, Any]:
     return kwargs
 
 
+def total_stride(strides: Sequence[Sequence[int]]) -> list[int]:
+    """Per axis, the product of the stages' strides: every input size must be a multiple of it."""
+    return [math.prod(axis) for axis in zip(*strides)]
+
+
 def check_patch_size(configuration: ConfigurationManager) -> None:
     """The patch must be divisible by the product of the strides on every axis (nnU-Net's planner ensures it;
     hand-edited plans may not)."""
@@ -38,7 +43,7 @@ def check_patch_size(configuration: ConfigurationManager) -> None:
     patch = configuration.patch_size
     if not strides or not isinstance(strides[0], (list, tuple)):
         return
-    total = [math.prod(axis) for axis in zip(*strides)]
+    total = total_stride(strides)
     if len(total) != len(patch) or any(p % t for p, t in zip(patch, total)):
         raise ValueError(f"Plans: patch_size {list(patch)} does not fit architecture.arch_kwargs.strides, whose product "
                          f"per axis is {total}: every patch_size entry must be a multiple of it. Fix the edited "

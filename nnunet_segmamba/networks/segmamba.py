@@ -65,16 +65,11 @@ class MambaEncoder(nn.Module):
         # what dynamic-network-architectures' UNetDecoder reads from an encoder
         self.output_channels = list(plan.features)
         self.strides = plan.strides
-        self.total_stride = tuple(int(t) for t in np.prod(plan.strides, axis=0))
         self.kernel_sizes = plan.kernel_sizes
         for name, value in ops.as_encoder_attributes().items():
             setattr(self, name, value)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        if any(size % stride for size, stride in zip(x.shape[2:], self.total_stride)):
-            raise ValueError(f"Input of spatial size {tuple(x.shape[2:])} is not divisible by the network's total "
-                             f"stride {self.total_stride}. nnU-Net plans choose patch sizes that "
-                             f"are; if you edited patch_size or strides by hand, make them agree.")
         outputs = []
         for stage in self.stages:
             x = stage(x)

@@ -12,7 +12,7 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import Tensor, nn
 
 from nnunet_segmamba.blocks.conv import ConvOps
-from nnunet_segmamba.networks.plans import per_stage
+from nnunet_segmamba.networks.plans import per_stage, total_stride
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,11 @@ class PlansUNet(nn.Module):
     decoder: nn.Module
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        total = total_stride(self.encoder.strides)
+        if any(size % stride for size, stride in zip(x.shape[2:], total)):
+            raise ValueError(f"{type(self).__name__}: input of spatial size {tuple(x.shape[2:])} is not divisible by "
+                             f"the network's total stride {tuple(total)} (the product of the plans' strides). nnU-Net "
+                             f"plans choose patch sizes that are; if you edited patch_size or strides, make them agree.")
         return self.decoder(self.encoder(x))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:

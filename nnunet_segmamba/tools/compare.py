@@ -18,6 +18,7 @@ import textwrap
 from typing import TYPE_CHECKING
 
 from nnunet_segmamba.tools import results
+from nnunet_segmamba.tools.comparison import Comparison, build_comparison
 from nnunet_segmamba.tools.results import CompareError
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def _publish(staging: str, output: str, written: list[str]) -> None:
 
 
 def _collect(args: argparse.Namespace, datasets: list[str], methods: list[results.Method],
-             splits: list[str]) -> results.Comparison:
+             splits: list[str]) -> Comparison:
     rows, gaps = results.collect_cross_validation(datasets, methods, args.folds)
     if args.test_predictions:
         test_rows, test_gaps = results.collect_test_sets(datasets, methods, args.test_predictions,
@@ -113,8 +114,8 @@ def _collect(args: argparse.Namespace, datasets: list[str], methods: list[result
         raise CompareError(f"no results found for datasets {' '.join(datasets)} and trainers "
                            f"{' '.join(dict.fromkeys(m.trainer for m in methods))} (e.g. no "
                            f"{example}/fold_<k>/validation/summary.json)")
-    return results.compare(rows, gaps, splits, datasets, methods, args.baseline,
-                           results.parameter_table(datasets, methods))
+    return build_comparison(rows, gaps, splits, datasets, methods, args.baseline,
+                            results.parameter_table(datasets, methods))
 
 
 def _select(table: pd.DataFrame, split: str, dataset: str | None = None) -> pd.DataFrame:
@@ -130,7 +131,7 @@ def _number(value: float, spec: str = ".4f") -> str:
     return "" if pd.isna(value) else format(value, spec)
 
 
-def _overview(comparison: results.Comparison, split: str, args: argparse.Namespace) -> pd.DataFrame:
+def _overview(comparison: Comparison, split: str, args: argparse.Namespace) -> pd.DataFrame:
     """The readable table of a split: one row per dataset and method."""
     table = _select(comparison.overview, split)
     shown = table.reindex(columns=list(COLUMNS)).astype(object)
@@ -149,7 +150,7 @@ def _overview(comparison: results.Comparison, split: str, args: argparse.Namespa
     return shown.rename(columns=COLUMNS)
 
 
-def _mean_ranks(comparison: results.Comparison, split: str) -> pd.DataFrame:
+def _mean_ranks(comparison: Comparison, split: str) -> pd.DataFrame:
     ranks = _select(comparison.ranks, split)
     total = _select(comparison.overview, split)["dataset"].nunique()
     return ranks.assign(mean_rank=ranks["mean_rank"].map(lambda r: _number(r, ".2f")),
@@ -158,17 +159,17 @@ def _mean_ranks(comparison: results.Comparison, split: str) -> pd.DataFrame:
         columns={"mean_rank": "mean rank", "mean_dice": "mean Dice", "datasets": "ranked on"})
 
 
-def _per_class(comparison: results.Comparison, split: str) -> pd.DataFrame:
+def _per_class(comparison: Comparison, split: str) -> pd.DataFrame:
     classes = _select(comparison.classes, split)
     return classes.assign(**{c: classes[c].map(_number) for c in ("dice", "std_cases", "std_folds")}).drop(
         columns=["split", "foreground"]).rename(columns=COLUMNS)
 
 
-def _gap_lines(comparison: results.Comparison) -> list[str]:
+def _gap_lines(comparison: Comparison) -> list[str]:
     return [f"{SPLIT_TITLES[g.split]}: {g.dataset} / {g.method}: {g.reason}" for g in comparison.gaps]
 
 
-def _statistics_note(comparison: results.Comparison, args: argparse.Namespace) -> str:
+def _statistics_note(comparison: Comparison, args: argparse.Namespace) -> str:
     tests = comparison.tests.groupby("split")["p"].count().to_dict()
     return (f"Dice: nnU-Net's foreground mean (mean over foreground classes of each class's mean Dice over all "
             f"cases of all folds found). sd cases: sample std of the case foreground-mean Dice (mean over the "
@@ -185,7 +186,7 @@ def _statistics_note(comparison: results.Comparison, args: argparse.Namespace) -
             f"(set nnUNet_extTrainer as for nnUNetv2_predict).")
 
 
-def _terminal_report(comparison: results.Comparison, args: argparse.Namespace) -> str:
+def _terminal_report(comparison: Comparison, args: argparse.Namespace) -> str:
     parts = []
     for split in comparison.overview["split"].unique():
         overview = _overview(comparison, split, args)
@@ -205,7 +206,7 @@ def _markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _markdown_report(comparison: results.Comparison, args: argparse.Namespace, plots: list[str]) -> str:
+def _markdown_report(comparison: Comparison, args: argparse.Namespace, plots: list[str]) -> str:
     parts = ["# nnunet-segmamba compare", "",
              f"Datasets: {', '.join(comparison.overview['dataset'].unique())}; plans: {' '.join(args.plans)}; "
              f"configurations: {' '.join(args.configurations)}; folds: {' '.join(args.folds)}; "
@@ -227,7 +228,7 @@ def _records(table: pd.DataFrame) -> list[dict]:
     return json.loads(table.to_json(orient="records", double_precision=15))
 
 
-def _json_report(comparison: results.Comparison, args: argparse.Namespace) -> dict:
+def _json_report(comparison: Comparison, args: argparse.Namespace) -> dict:
     from dataclasses import asdict
 
     settings = {key: getattr(args, key) for key in ("datasets", "trainers", "plans", "configurations", "folds",
@@ -238,7 +239,7 @@ def _json_report(comparison: results.Comparison, args: argparse.Namespace) -> di
             "missing": [asdict(gap) for gap in comparison.gaps]}
 
 
-def _plot_cases(comparison: results.Comparison, split: str, dataset: str, expected_folds: int, path: str) -> None:
+def _plot_cases(comparison: Comparison, split: str, dataset: str, expected_folds: int, path: str) -> None:
     """Box and strip plot of the case foreground-mean Dice of each method on one dataset; methods with fewer
     folds than expected say so under their name."""
     import seaborn as sns
@@ -256,7 +257,7 @@ def _plot_cases(comparison: results.Comparison, split: str, dataset: str, expect
     _save(figure, path)
 
 
-def _plot_overview(comparison: results.Comparison, split: str, path: str) -> None:
+def _plot_overview(comparison: Comparison, split: str, path: str) -> None:
     """Heatmap of foreground Dice per dataset and method, annotated with the rank; grey cells are missing."""
     import seaborn as sns
 
@@ -288,7 +289,7 @@ def _save(figure, path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
-def _write_plots(comparison: results.Comparison, expected_folds: int, folder: str) -> list[str]:
+def _write_plots(comparison: Comparison, expected_folds: int, folder: str) -> list[str]:
     names = []
     for split in comparison.overview["split"].unique():
         names.append(f"{split}_overview.png")
@@ -299,7 +300,7 @@ def _write_plots(comparison: results.Comparison, expected_folds: int, folder: st
     return names
 
 
-def _write_outputs(comparison: results.Comparison, args: argparse.Namespace, folder: str) -> list[str]:
+def _write_outputs(comparison: Comparison, args: argparse.Namespace, folder: str) -> list[str]:
     """All files into `folder`; returns their names."""
     plots = _write_plots(comparison, len(args.folds), folder)
     tables = {"overview.csv": comparison.overview, "per_class.csv": comparison.classes,

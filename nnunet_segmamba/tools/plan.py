@@ -44,6 +44,11 @@ def _dataset_name(dataset: str) -> str:
     if not fingerprint.is_file():
         raise PlanError(f"no fingerprint {fingerprint}: run nnUNetv2_extract_fingerprint -d {dataset} "
                         f"(or nnUNetv2_plan_and_preprocess -d {dataset}) first")
+    raw = Path(os.environ["nnUNet_raw"]) / name
+    if not (raw / "dataset.json").is_file() or not any((raw / "imagesTr").glob("*")):
+        raise PlanError(f"no raw dataset in {raw} (dataset.json and imagesTr/): nnU-Net's planner reads them, even "
+                        f"with the fingerprint and preprocessed data present; restore the raw dataset or point "
+                        f"nnUNet_raw to the folder that holds it")
     return name
 
 

@@ -28,17 +28,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-np", "--processes", type=int, default=max(1, (os.cpu_count() or 1) // 2))
 
 
+MIN_TRAINING_CASES = 5
+"""nnU-Net's default split is a 5-fold cross-validation (scikit-learn's KFold): fewer cases fail in nnUNetv2_train."""
+
+
+def argument_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, before anything is printed or written; None if nothing."""
+    if args.cases < MIN_TRAINING_CASES:
+        return (f"--cases {args.cases}: nnU-Net's 5-fold cross-validation needs at least {MIN_TRAINING_CASES} "
+                f"training cases (nnUNetv2_train would fail in its split); pass --cases {MIN_TRAINING_CASES} or more")
+    if args.test_cases < 0:
+        return f"--test-cases {args.test_cases}: give 0 or more test cases"
+    if args.processes < 1:
+        return f"-np {args.processes}: give 1 or more processes"
+    if args.shape and min(args.shape) < 1:
+        return f"--shape {' '.join(map(str, args.shape))}: every size must be at least 1 voxel"
+    if args.spacing and not min(args.spacing) > 0:
+        return f"--spacing {' '.join(map(str, args.spacing))}: every spacing must be positive"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
-    from nnunet_segmamba.datasets.raw import write_raw_dataset
+    from nnunet_segmamba.datasets.raw import check_target, write_raw_dataset
 
     raw = args.raw or os.environ.get("nnUNet_raw")
-    if not raw:
-        print("error: nnUNet_raw is not set; export it or pass --raw DIR")
+    error = argument_error(args) or (None if raw else "nnUNet_raw is not set; export it or pass --raw DIR")
+    if error:
+        print(f"error: {error}")
         return 2
     name = args.name or f"Synth{args.preset.capitalize()}"
     try:
         spec = task_from_preset(args.preset, shape=tuple(args.shape) if args.shape else None,
                                 spacing=tuple(args.spacing) if args.spacing else None, channels=args.channels)
+        check_target(raw, args.dataset_id, name, args.overwrite)
         print(f"Generating {args.cases} + {args.test_cases} cases of {spec} ...")
         folder = write_raw_dataset(raw, args.dataset_id, name, spec, args.cases, args.test_cases, args.seed,
                                    args.overwrite, args.processes)

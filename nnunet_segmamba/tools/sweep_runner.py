@@ -1,0 +1,122 @@
+"""Running a sweep's fold jobs through submitit: at most `cap` in flight, one progress line per event, a failed
+fold's log tail and rerun command, and on Ctrl-C (or SIGTERM/SIGHUP) the jobs in flight cancelled."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from nnunet_segmamba.tools.sweep_jobs import FoldJob, JobResult, fold_state, lock_holder
+
+if TYPE_CHECKING:
+    import submitit
+
+POLL_SECONDS = 0.5
+TAIL_LINES = 15
+
+
+class Progress:
+    """One line per event, with the time since the sweep started."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def line(self, event: str, job: FoldJob, details: str) -> None:
+        print(f"[{time.time() - self.started:6.0f} s] {event:<8} {job.label}: {details}", flush=True)
+
+
+def tail(path: str, lines: int = TAIL_LINES) -> str:
+    try:
+        return "".join(Path(path).read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except OSError:
+        return "(no log)\n"
+
+
+def finish(job: FoldJob, handle: submitit.Job, env: dict[str, str | None], progress: Progress) -> JobResult:
+    """The finished job's result, reported (a failure with its log's tail and the command to rerun)."""
+    try:
+        result = handle.result()
+    except Exception:  # noqa: BLE001 - the job itself died (killed, out of memory, node lost): submitit says why
+        result = JobResult("failed", 1, 0.0, job.command, f"the job did not complete; submitit's log: "
+                                                           f"{handle.paths.stderr}")
+    if result.status != "failed":
+        progress.line(result.status, job, f"in {result.seconds:.0f} s; log {job.log}")
+        return result
+    code = f"exit code {result.returncode}" if result.action in ("trained", "resumed") else result.note
+    progress.line("FAILED", job, f"{code}; log {job.log}")
+    if result.action in ("trained", "resumed"):
+        print("".join(f"    | {line}" for line in tail(job.log).splitlines(keepends=True)), end="")
+    print(f"    rerun: nnUNet_extTrainer={shlex.quote(env['nnUNet_extTrainer'])} {shlex.join(result.command)}\n"
+          f"    (or run this sweep again: finished folds are skipped)", flush=True)
+    return result
+
+
+def cancel(running: list[tuple[FoldJob, submitit.Job]], local: bool, progress: Progress) -> None:
+    """Cancel the jobs in flight; locally, wait until their trainings are gone."""
+    for job, handle in running:
+        handle.cancel(check=False)
+        progress.line("cancel", job, f"log {job.log}")
+    deadline = time.time() + 60
+    while local and time.time() < deadline and any(lock_holder(Path(job.folder)) for job, _ in running):
+        time.sleep(0.2)
+    for job, _ in running:
+        if local and (still := lock_holder(Path(job.folder))):
+            print(f"    {job.label} is still being trained ({still}): stop it before running the sweep again",
+                  file=sys.stderr)
+
+
+@contextlib.contextmanager
+def stderr_to(path: Path | None) -> Iterator[None]:
+    """This process's stderr (file descriptor 2) appended to `path` (None: unchanged) for the block: the local job
+    controllers submitit starts inherit it, and print tracebacks there when they are cancelled."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def run_jobs(executor: submitit.Executor, jobs: list[FoldJob], cap: int, local: bool, env: dict[str, str | None],
+             progress: Progress) -> list[tuple[FoldJob, JobResult]]:
+    """Submit the jobs, at most `cap` in flight; their results as they finish."""
+    pending, running, results = list(jobs), [], []
+    try:
+        while pending or running:
+            batch, pending = pending[:cap - len(running)], pending[cap - len(running):]
+            if batch:
+                with stderr_to(Path(executor.folder) / "controllers.log" if local else None), executor.batch():
+                    handles = [executor.submit(job) for job in batch]  # submitted at the batch's end (Slurm: an array)
+                for job, handle in zip(batch, handles):
+                    running.append((job, handle))
+                    plan = "continues (--c)" if fold_state(Path(job.folder)) == "interrupted" else "fresh"
+                    progress.line("started" if local else "queued", job, f"{plan}; log {job.log}")
+            for entry in [entry for entry in running if entry[1].done()]:
+                running.remove(entry)
+                results.append((entry[0], finish(*entry, env, progress)))
+            time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        cancel(running, local, progress)
+        raise
+    return results
+
+
+def interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP act as Ctrl-C (KeyboardInterrupt): the sweep cancels its jobs before it exits. SIGINT too,
+    also where it was ignored (a background job of a script): the jobs' processes inherit the default, and
+    submitit cancels a local job with SIGINT."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
