@@ -6,6 +6,7 @@ nnUNetv2_evaluate_folder, on a tiny generated dataset, on the CPU (tests marked 
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from nnunet_segmamba.datasets.synthetic import PRESETS
 from nnunet_segmamba.tools.environment import trainers_folder
 from nnunet_segmamba.training.base import nnUNetTrainerMambaBase
 from nnunet_segmamba.training.lateral import nnUNetTrainerLateral
-from nnunet_segmamba.training.mambaclinix import nnUNetTrainerMambaClinix, nnUNetTrainerMambaClinixRST
+from nnunet_segmamba.training.mambaclinix import nnUNetTrainerMambaClinix
 from nnunet_segmamba.training.segmamba import nnUNetTrainerSegMamba, nnUNetTrainerSegMambaV2
 from nnunet_segmamba.training.variants import write_variants_module
 from tests.folders import nnunet_folders
@@ -35,8 +36,9 @@ DATASET = 911
 SHORT_RUN = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
 TRAINERS = {"nnUNetTrainerSegMambaV2_ci": nnUNetTrainerSegMambaV2, "nnUNetTrainerSegMamba_ci": nnUNetTrainerSegMamba,
             "nnUNetTrainerMambaClinix_ci": nnUNetTrainerMambaClinix,
-            "nnUNetTrainerMambaClinixRST_ci": nnUNetTrainerMambaClinixRST,
             "nnUNetTrainerLateral_ci": nnUNetTrainerLateral}
+"""The networks (and nnU-Net's with our mirroring) through the stock CLI; the RST trainers differ in their loss only,
+which tests/test_region_tversky.py checks on the trainer."""
 RESUMED = "nnUNetTrainerSegMambaV2_resume"
 DDP = "nnUNetTrainerSegMambaV2_ddp"
 BIN = Path(sys.executable).parent
@@ -73,20 +75,33 @@ def stock(workspace, command: str, **extra_env) -> subprocess.CompletedProcess:
     return result
 
 
+def stock_at_once(workspace, commands: list[str], **extra_env) -> None:
+    """`stock` for commands run side by side (one thread each: the CPUs are shared)."""
+    env = {**workspace[1], **extra_env, "OMP_NUM_THREADS": "1"}
+    processes = {command: subprocess.Popen(shell(workspace, command), stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True, env=env) for command in commands}
+    for command, process in processes.items():
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, f"{command}\n{output[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def preprocessed(workspace):
     stock(workspace, f"nnUNetv2_plan_and_preprocess -d {DATASET} -c 3d_fullres -np 1 --verify_dataset_integrity")
     return workspace
 
 
-def flipped_left_right(images: Path, out: Path) -> Path:
-    """The test images mirrored along W, the generated data's left-right axis (the files' first voxel axis)."""
-    out.mkdir()
-    for path in images.glob("*.nii.gz"):
+FLIPPED = "Flipped"
+"""Name prefix of the mirrored test cases, predicted in one nnUNetv2_predict call with the originals."""
+
+
+def add_flipped_left_right(images: Path) -> None:
+    """Beside each test image, its mirror along W, the generated data's left-right axis (the files' first voxel
+    axis), as the case FLIPPED + its name."""
+    for path in sorted(images.glob("*.nii.gz")):
         image = nibabel.load(path)
         nibabel.save(nibabel.Nifti1Image(np.asarray(image.dataobj)[::-1].copy(), image.affine, image.header),
-                     out / path.name)
-    return out
+                     images / f"{FLIPPED}{path.name}")
 
 
 @pytest.mark.parametrize("trainer", sorted(TRAINERS))
@@ -107,12 +122,16 @@ def test_train_predict_evaluate(preprocessed, trainer, monkeypatch):
     validation = json.loads((fold / "validation" / "summary.json").read_text())
     assert "foreground_mean" in validation
 
-    predictions, flipped = root / f"predictions_{trainer}", root / f"predictions_flipped_{trainer}"
-    for images, out in ((raw / "imagesTs", predictions),
-                        (flipped_left_right(raw / "imagesTs", root / f"flipped_{trainer}"), flipped)):
-        stock(preprocessed, f"nnUNetv2_predict -i {images} -o {out} -d {DATASET} -c 3d_fullres -tr {trainer} -f 0 "
-                            f"-device cpu -npp 1 -nps 1 --save_probabilities")
+    images, predictions, flipped = (root / f"{name}_{trainer}" for name in ("images", "predictions", "flipped"))
+    shutil.copytree(raw / "imagesTs", images)
+    add_flipped_left_right(images)
+    stock(preprocessed, f"nnUNetv2_predict -i {images} -o {predictions} -d {DATASET} -c 3d_fullres -tr {trainer} "
+                        f"-f 0 -device cpu -npp 1 -nps 1 --save_probabilities")
+    flipped.mkdir()
+    for path in predictions.glob(f"{FLIPPED}*"):
+        path.rename(flipped / path.name.removeprefix(FLIPPED))
     assert sorted(p.name for p in predictions.glob("*.nii.gz")) == ["E2E_006.nii.gz", "E2E_007.nii.gz"]
+    assert sorted(p.name for p in flipped.glob("*.nii.gz")) == ["E2E_006.nii.gz", "E2E_007.nii.gz"]
     for path in sorted(predictions.glob("*.npz")):
         # nnU-Net accumulates sliding-window predictions in fp16, weighted by a Gaussian centred half a voxel off
         # the patch centre (even patch sizes): the mirrored volume's tiles round differently (up to 0.17 in a
@@ -161,10 +180,12 @@ def test_five_fold_cross_validation_read_by_find_best_configuration(preprocessed
     root, env = preprocessed
     trainer = "nnUNetTrainerSegMambaV2_ci"
     model = Path(env["nnUNet_results"]) / f"Dataset{DATASET}_E2E" / f"{trainer}__nnUNetPlans__3d_fullres"
-    for fold in range(5):
-        if not (model / f"fold_{fold}" / "checkpoint_final.pth").is_file():  # fold 0 may come from the test above
-            stock(preprocessed, f"nnUNetv2_train {DATASET} 3d_fullres {fold} -tr {trainer} -device cpu",
-                  nnUNet_n_proc_DA="0", NNUNET_SEGMAMBA_LATERAL="swap")  # as fold 0: the folds share plans.json
+    todo = [fold for fold in range(5) if not (model / f"fold_{fold}" / "checkpoint_final.pth").is_file()]
+    train = {"nnUNet_n_proc_DA": "0", "NNUNET_SEGMAMBA_LATERAL": "swap"}  # as fold 0: the folds share plans.json
+    if todo[0] == 0:  # not trained by the test above: fold 0 alone writes nnU-Net's splits_final.json first
+        stock(preprocessed, f"nnUNetv2_train {DATASET} 3d_fullres 0 -tr {trainer} -device cpu", **train)
+    stock_at_once(preprocessed, [f"nnUNetv2_train {DATASET} 3d_fullres {fold} -tr {trainer} -device cpu"
+                                 for fold in todo if fold], **train)
     stock(preprocessed, f"nnUNetv2_find_best_configuration {DATASET} -c 3d_fullres -tr {trainer} "
                         f"-f 0 1 2 3 4 -np 1")
     information = json.loads((model.parent / "inference_information.json").read_text())
