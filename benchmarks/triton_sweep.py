@@ -9,12 +9,13 @@ import torch
 from nnunet_segmamba.mamba import triton_scan
 from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
 
-SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, MAX_TILE, CHUNK, PARTIAL_SUMS); PROGRAMS_PER_SM 0: one segment (no
-    # split); PARTIAL_SUMS 1024: a slice per channel block. Edit to try others; the latest sweep: BENCHMARKS.md,
+SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, TILE, TILES, BLOCK_D), `triton_scan_tiles.py`'s constants as
+    # `triton_scan` launches with them; the first: the defaults. Edit to try others; the latest sweep: BENCHMARKS.md,
     # "Triton scan launch settings".
-    (8, 1, 512, 32, 1), (8, 1, 512, 32, 4), (8, 1, 512, 32, 1024),
+    (16, 1, 2, 16, 16), (16, 1, 4, 16, 16), (16, 1, 2, 8, 16), (8, 1, 2, 16, 16),
 ]
-NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "MAX_TILE", "CHUNK", "PARTIAL_SUMS")
+NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "TILE", "TILES", "BLOCK_D")
+assert all(hasattr(triton_scan, name) for name in NAMES), "triton_scan no longer launches with these constants"
 
 device = torch.device("cuda")
 scans = gpu_scans(device)

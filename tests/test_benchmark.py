@@ -1,8 +1,10 @@
 """`nnunet-segmamba benchmark` on the CPU with a tiny plans file (the GPU numbers come from the same code)."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from nnunet_segmamba.cli import main
 from nnunet_segmamba.tools.benchmark.configurations import PRESETS, preset_plans
@@ -211,3 +213,18 @@ def test_eager_steps_run_the_environments_scan_under_nnunet_compile(tmp_path, ca
                      "--device", "cpu", "--amp", "fp32", "--warmup", "0", "--repeats", "1", "-o", str(output)])
     [result] = json.loads(output.read_text())["results"]
     assert code == 0 and result["train_step_ms"] > 0
+
+
+def test_saved_activations_charges_what_autograd_saves_to_the_module_saving_it():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("saved_activations", Path(__file__).parents[1] / "benchmarks" /
+                                                  "saved_activations.py")
+    saved_activations = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(saved_activations)
+    network = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    charged = saved_activations.saved_bytes(network, torch.randn(3, 4), torch.bfloat16)
+    assert charged["1"] == 3 * 8 * 2  # ReLU keeps its bf16 output
+    assert charged["0"] >= 3 * 4 * 2 and charged["2"] >= 8 * 2 * 2  # the inputs (and weights) cast to bf16
+    rows = saved_activations.table(charged, network, depth=1)
+    assert [kind for _, kind, _ in rows] == [type(network[int(name)]).__name__ for name, _, _ in rows]

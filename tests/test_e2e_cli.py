@@ -204,26 +204,27 @@ def test_killed_training_resumes_with_continue_as_if_uninterrupted(preprocessed,
     in an uninterrupted run, and no half-written checkpoint is left."""
     root, env = preprocessed
     command = f"nnUNetv2_train {DATASET} 3d_fullres 1 -tr {RESUMED} -device {device}"
-    finals = []
-    for name, interrupt in (("straight", False), ("interrupted", True)):
-        results = tmp_path / name
-        run_env = {**env, "nnUNet_results": str(results), "nnUNet_n_proc_DA": "0"}
-        fold = results / f"Dataset{DATASET}_E2E" / f"{RESUMED}__nnUNetPlans__3d_fullres" / "fold_1"
-        if interrupt:
-            process = subprocess.Popen(shell(preprocessed, command), env=run_env, start_new_session=True,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.time() + 600
-            while not (fold / "checkpoint_latest.pth").is_file() and time.time() < deadline:
-                time.sleep(0.05)
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            assert not (fold / "checkpoint_final.pth").exists()
-            interrupted_at = torch.load(fold / "checkpoint_latest.pth", weights_only=False)["current_epoch"]
-            assert 1 <= interrupted_at < 3
-            command += " --c"
-        subprocess.run(shell(preprocessed, command), env=run_env, check=True, capture_output=True, timeout=900)
-        finals.append(torch.load(fold / "checkpoint_final.pth", weights_only=False))
-        assert not list(fold.glob("*.partial"))
+    runs = {name: ({**env, "nnUNet_results": str(tmp_path / name), "nnUNet_n_proc_DA": "0"},
+                   tmp_path / name / f"Dataset{DATASET}_E2E" / f"{RESUMED}__nnUNetPlans__3d_fullres" / "fold_1")
+            for name in ("straight", "interrupted")}
+    straight_env, straight_fold = runs["straight"]
+    straight_run = subprocess.Popen(shell(preprocessed, command), env=straight_env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)  # the reference, meanwhile
+    run_env, fold = runs["interrupted"]
+    process = subprocess.Popen(shell(preprocessed, command), env=run_env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (fold / "checkpoint_latest.pth").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (fold / "checkpoint_final.pth").exists()
+    interrupted_at = torch.load(fold / "checkpoint_latest.pth", weights_only=False)["current_epoch"]
+    assert 1 <= interrupted_at < 3
+    subprocess.run(shell(preprocessed, command + " --c"), env=run_env, check=True, capture_output=True, timeout=900)
+    assert straight_run.wait(timeout=900) == 0
+    finals = [torch.load(folder / "checkpoint_final.pth", weights_only=False) for folder in (straight_fold, fold)]
+    assert not list(straight_fold.glob("*.partial")) and not list(fold.glob("*.partial"))
     straight, resumed = finals
     assert straight["current_epoch"] == resumed["current_epoch"] == 3
     assert straight["logging"]["lrs"] == resumed["logging"]["lrs"]

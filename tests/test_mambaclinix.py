@@ -143,6 +143,49 @@ def test_channel_layer_norm_normalises_the_channels():
     assert torch.allclose(y.float(), norm(big.float()), atol=1e-2)
 
 
+def channel_layer_norm_by_autograd(x, weight, bias, eps):
+    """The formula, differentiated by autograd (what ChannelLayerNorm computed before its own backward)."""
+    x32 = x.float()
+    var, mean = torch.var_mean(x32, dim=1, keepdim=True, correction=0)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return ((x32 - mean) * torch.rsqrt(var + eps) * weight.view(shape) + bias.view(shape)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_channel_layer_norm_backward_equals_autograds(dtype, tolerance):
+    """The same forward bit for bit; gradients as autograd's of the formula, both near its float64 gradients."""
+    torch.manual_seed(0)
+    norm = ChannelLayerNorm(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (2 + 3 * torch.randn(2, 6, 4, 5, 3)).to(dtype).requires_grad_()
+    dy = torch.randn(2, 6, 4, 5, 3).to(dtype)
+    ours = norm(x)
+    by_autograd = channel_layer_norm_by_autograd(x, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(ours, by_autograd)
+    exact = [t.detach().double().requires_grad_() for t in (x, norm.weight, norm.bias)]
+    var, mean = torch.var_mean(exact[0], dim=1, keepdim=True, correction=0)
+    shape = (1, -1, 1, 1, 1)
+    in_float64 = (exact[0] - mean) * torch.rsqrt(var + norm.eps) * exact[1].view(shape) + exact[2].view(shape)
+    reference = torch.autograd.grad(in_float64, exact, dy.double())
+    for got, autograds, want in zip(torch.autograd.grad(ours, (x, norm.weight, norm.bias), dy),
+                                    torch.autograd.grad(by_autograd, (x, norm.weight, norm.bias), dy), reference):
+        assert got.dtype == autograds.dtype
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, atol=tolerance * scale, rtol=tolerance)
+        torch.testing.assert_close(got.double(), autograds.double(), atol=tolerance * scale, rtol=tolerance)
+
+
+def test_channel_layer_norm_saves_x_and_statistics_only():
+    norm, x = ChannelLayerNorm(8), torch.randn(2, 8, 6, 6, 6, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm(x.half())
+    feature_maps = [t for t in saved if t.ndim == 5 and t.shape[1] == 8]
+    assert len(feature_maps) == 1 and feature_maps[0].dtype == torch.float16  # x itself, no fp32 copies
+
+
 def test_mamba_layer_runs_in_fp32_under_autocast():
     torch.manual_seed(0)
     layer = ResidualMambaLayer(8)

@@ -12,13 +12,42 @@ from torch import Tensor, nn
 from nnunet_segmamba.blocks.conv import ConvOps
 
 
+class _ChannelLayerNormFunction(torch.autograd.Function):
+    """`ChannelLayerNorm`'s forward, and a backward that recomputes the normalised input from x and the per-voxel
+    mean and 1/std: it saves x (B, C, *spatial) in its own dtype and two (B, 1, *spatial) fp32 statistics, where
+    autograd would keep three fp32 copies of the feature map. With g = dy * weight and x^ the normalised input:
+
+        dx = rstd * (g - mean_C(g) - x^ * mean_C(g * x^)),   dweight = sum_(B, spatial) dy * x^,   dbias = sum dy
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        x32 = x.float()
+        var, mean = torch.var_mean(x32, dim=1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return ((x32 - mean) * rstd * weight.view(shape) + bias.view(shape)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        normalised, dy32 = (x.float() - mean) * rstd, dy.float()
+        g = dy32 * weight.view(shape)
+        dx = rstd * (g - g.mean(1, keepdim=True) - normalised * (g * normalised).mean(1, keepdim=True))
+        over = [0, *range(2, x.ndim)]
+        return dx.to(x.dtype), (dy32 * normalised).sum(over).to(weight.dtype), dy32.sum(over).to(weight.dtype), None
+
+
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channels of (B, C, *spatial) feature maps -> same shape and dtype:
 
         y = (x - mean_C(x)) / sqrt(var_C(x) + eps) * weight + bias
 
     Statistics in fp32 (an fp16 variance overflows; dynamic-network-architectures' LayerNormNd computes in
-    the input dtype), one fused var_mean, no channels-last copy (timing: BENCHMARKS.md, "Tried and rejected").
+    the input dtype), one fused var_mean, no channels-last copy (timing: BENCHMARKS.md, "Tried and rejected");
+    the backward keeps x and the per-voxel statistics only (`_ChannelLayerNormFunction`).
     """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
@@ -28,11 +57,7 @@ class ChannelLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        var, mean = torch.var_mean(x32, dim=1, keepdim=True, correction=0)
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        y = (x32 - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+        return _ChannelLayerNormFunction.apply(x, self.weight, self.bias, self.eps)
 
 
 def gate_widths(channels: int, order: int) -> list[int]:
