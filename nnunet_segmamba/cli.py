@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from nnunet_segmamba.tools.environment import EXT_TRAINER_ENV, ext_trainer_folders
+from nnunet_segmamba.tools.errors import INTERRUPTED, report
 
 TOOLS = {
     "demo": ("demo", "the whole product on generated data, in a workspace of its own (the main job)"),
@@ -27,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
         modules[name].add_arguments(subparsers.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
-    return modules[args.tool].main(args)
+    if args.tool != "doctor":  # doctor reports the user's own setting
+        # nnU-Net's trainer lookups in this process find our trainers whatever the user's shell has
+        os.environ[EXT_TRAINER_ENV] = ext_trainer_folders()
+    try:
+        return modules[args.tool].main(args)
+    except KeyboardInterrupt:
+        return report(args.tool, "interrupted", INTERRUPTED)
 
 
 if __name__ == "__main__":

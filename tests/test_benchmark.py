@@ -26,9 +26,7 @@ def tiny_plans_file(tmp_path, patch=32, features=(4, 8, 8, 8)):
 
 
 def test_table_and_json_for_nnunets_and_our_trainer(tmp_path, capsys, monkeypatch):
-    from nnunet_segmamba.tools.environment import trainers_folder
-
-    monkeypatch.setenv("nnUNet_extTrainer", trainers_folder())
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)  # our trainers are found without the user's hook
     output = tmp_path / "result.json"
     code = main(["benchmark", "--plans-file", str(tiny_plans_file(tmp_path)), "-tr", "nnUNetTrainer",
                  "nnUNetTrainerSegMambaV2", "--resenc", "--device", "cpu", "--amp", "fp32", "--warmup", "0",
@@ -55,7 +53,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     assert main(["benchmark", "-d", "5", "-tr", "nnUNetTrainer"]) == 2
     assert main(["benchmark", "--plans-file", plans, "-tr", "nnUNetTrainer", "--predict-volume", "4", "64", "64"]) == 2
-    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("nnunet-segmamba benchmark: error:")]
     assert len(errors) == 5 and "--predict-volume needs 4 (the input channels) followed by 3" in errors[4]
     assert "no plans file" in errors[0] and "no configuration '2d'" in errors[1]
     assert "nnUNetTrainerDoesNotExist" in errors[2] and "nnUNet_preprocessed is not set" in errors[3]

@@ -53,13 +53,13 @@ def test_demo_trains_predicts_evaluates_and_reports(tmp_path):
 
 def test_demo_refuses_a_folder_it_did_not_create(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
-    assert main(["demo", "--workspace", str(tmp_path), "-tr", "nnUNetTrainer"]) == 1
+    assert main(["demo", "--workspace", str(tmp_path), "-tr", "nnUNetTrainer"]) == 2
     assert "is not a demo workspace" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
 def test_unknown_trainer_is_named(tmp_path, capsys):
-    assert main(["demo", "--workspace", str(tmp_path / "w"), "-tr", "nnUNetTrainerNope"]) == 1
+    assert main(["demo", "--workspace", str(tmp_path / "w"), "-tr", "nnUNetTrainerNope"]) == 2
     assert "nnUNetTrainerNope" in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 

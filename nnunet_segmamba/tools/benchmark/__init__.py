@@ -24,14 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from nnunet_segmamba.tools.benchmark.configurations import (PRESETS, RESENC_ROW, BenchmarkError, load_configuration,
                                                             resenc_configuration)
 from nnunet_segmamba.tools.benchmark.network import AMP, benchmark_network
 from nnunet_segmamba.tools.benchmark.profiling import PROFILE_STEPS, TOP_KERNELS
-from nnunet_segmamba.tools.benchmark.report import print_tables, results_json
+from nnunet_segmamba.tools.benchmark.report import print_tables, results_json, table_header, table_row
 from nnunet_segmamba.tools.benchmark.timing import predict_volume_seconds
+from nnunet_segmamba.tools.errors import FAILURE, INTERRUPTED, USAGE, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="write the results as JSON here")
 
 
+def write_json(path: Path, payload: dict) -> None:
+    """`payload` into `path`, through a temporary file beside it: a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    partial.replace(path)
+
+
 def main(args: argparse.Namespace) -> int:
-    """Benchmarks each trainer's network (and the ResEnc row) and prints the tables; 0, or 2 after a one-line
-    error."""
+    """Benchmarks each trainer's network (and the ResEnc row), printing its row of the table as soon as it is
+    measured (and with -o rewriting the JSON), then the footnote and the --profile / --compile tables; 0, 2 after a
+    one-line error on the arguments, 1 if the JSON cannot be written, 130 when interrupted (what was measured kept)."""
     import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -77,59 +87,66 @@ def main(args: argparse.Namespace) -> int:
     from nnunet_segmamba.tools.environment import find_trainer
 
     try:
-        folder = Path(args.output).resolve().parent if args.output else None
-        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+        output = Path(args.output).resolve() if args.output else None
+        if output is not None and not (output.parent.is_dir() and os.access(output.parent, os.W_OK)):
             raise BenchmarkError(f"cannot write {args.output}: its folder is missing or not writable")
         plans, configuration_name, in_channels, num_classes = load_configuration(args)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BenchmarkError("--device cuda: no CUDA GPU here; use --device cpu")
     except BenchmarkError as error:
-        print(f"error: {error}")
-        return 2
+        return report("benchmark", str(error), USAGE)
+    except RuntimeError as error:  # torch.device's "Expected one of cpu, cuda, ... device type"
+        return report("benchmark", f"--device {args.device}: {error}", USAGE)
     manager = PlansManager(plans)
     configuration = manager.get_configuration(configuration_name)
     volume = args.predict_volume
     if volume and (len(volume) != 1 + len(configuration.patch_size) or volume[0] != in_channels):
-        print(f"error: --predict-volume needs {in_channels} (the input channels) followed by "
-              f"{len(configuration.patch_size)} spatial sizes, not {' '.join(map(str, volume))}")
-        return 2
-    batch_size = args.batch_size or configuration.batch_size
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"{configuration_name}: patch {configuration.patch_size}, batch {batch_size}, {in_channels} -> "
-          f"{num_classes} channels, autocast {args.amp}, {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
+        return report("benchmark", f"--predict-volume needs {in_channels} (the input channels) followed by "
+                                   f"{len(configuration.patch_size)} spatial sizes, not {' '.join(map(str, volume))}")
     try:  # all lookups before the Mamba kernels load (see find_trainer)
         rows = [(name, find_trainer(name), configuration) for name in args.trainers]
         if args.resenc:
             rows.insert(1, (RESENC_ROW, find_trainer("nnUNetTrainer"), resenc_configuration(configuration)))
     except RuntimeError as error:
-        print(f"error: {error}")
-        return 2
+        return report("benchmark", str(error))
+    batch_size = args.batch_size or configuration.batch_size
+    print(f"{configuration_name}: patch {configuration.patch_size}, batch {batch_size}, {in_channels} -> "
+          f"{num_classes} channels, autocast {args.amp}, {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")
     print(describe_backend(device))
     compiled_backend = backend_for_compile(device) if args.compile else None
     if compiled_backend is not None:  # as our trainers do when they compile
         print(f"torch.compile: {describe_backend(device, compiled_backend)}")
+    print(f"\n{table_header(bool(volume))}", flush=True)
     results = []
-    for name, trainer, row_configuration in rows:
-        network = trainer.build_network_architecture(manager, row_configuration, in_channels, num_classes, True)
-        use_backend(network, None)  # eager: the environment's scan (under nnUNet_compile the build sets another)
-        print(f"  {name} ...", flush=True)
-        results.append(benchmark_network(name, network, configuration.patch_size, batch_size, in_channels,
-                                         num_classes, device, args.amp, args.warmup, args.repeats,
-                                         profile=args.profile, compiled=args.compile,
-                                         compiled_backend=compiled_backend))
-        if args.predict_volume:
-            network.decoder.deep_supervision = False
-            results[-1].volume_s = predict_volume_seconds(network, manager, row_configuration, num_classes,
-                                                          args.predict_volume, device)
-        del network
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    try:
+        for name, trainer, row_configuration in rows:
+            print(f"measuring {name} ...", file=sys.stderr, flush=True)  # progress, apart from the table
+            network = trainer.build_network_architecture(manager, row_configuration, in_channels, num_classes, True)
+            use_backend(network, None)  # eager: the environment's scan (under nnUNet_compile the build sets another)
+            result = benchmark_network(name, network, configuration.patch_size, batch_size, in_channels, num_classes,
+                                       device, args.amp, args.warmup, args.repeats, profile=args.profile,
+                                       compiled=args.compile, compiled_backend=compiled_backend)
+            if volume:
+                network.decoder.deep_supervision = False
+                result.volume_s = predict_volume_seconds(network, manager, row_configuration, num_classes, volume,
+                                                         device)
+            results.append(result)
+            print(table_row(result, results[0], bool(volume)), flush=True)
+            if output is not None:
+                try:
+                    write_json(output, results_json(configuration_name, configuration, batch_size, in_channels,
+                                                    num_classes, args.amp, device, results))
+                except OSError as error:
+                    return report("benchmark", f"cannot write {output}: {error}", FAILURE)
+            del network
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        if results:
+            print_tables(results, args.warmup, args.repeats, args.profile, args.compile)
+        kept = f"; {output} holds them" if output is not None and results else ""
+        return report("benchmark", f"interrupted after {len(results)} of {len(rows)} networks{kept}", INTERRUPTED)
     print_tables(results, args.warmup, args.repeats, args.profile, args.compile)
-    if args.output:
-        payload = results_json(configuration_name, configuration, batch_size, in_channels, num_classes, args.amp,
-                               device, results)
-        try:
-            Path(args.output).write_text(json.dumps(payload, indent=2))
-        except OSError as error:
-            print(f"error: cannot write {args.output}: {error}")
-            return 2
     return 0
