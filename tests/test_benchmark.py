@@ -227,3 +227,29 @@ def test_saved_activations_charges_what_autograd_saves_to_the_module_saving_it()
     assert charged["0"] >= 3 * 4 * 2 and charged["2"] >= 8 * 2 * 2  # the inputs (and weights) cast to bf16
     rows = saved_activations.table(charged, network, depth=1)
     assert [kind for _, kind, _ in rows] == [type(network[int(name)]).__name__ for name, _, _ in rows]
+
+
+def test_rows_appear_as_measured_and_an_interruption_keeps_them(tmp_path, capsys, monkeypatch):
+    """Each network's row is printed (and the -o JSON rewritten) as soon as it is measured: Ctrl-C during the second
+    network leaves the first one's row on stdout and in the file, and exits with 130."""
+    from nnunet_segmamba.tools import benchmark
+
+    measured = benchmark.benchmark_network
+
+    def interrupted_second(name, *args, **kwargs):
+        if name != "nnUNetTrainer":
+            raise KeyboardInterrupt
+        return measured(name, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "benchmark_network", interrupted_second)
+    output = tmp_path / "result.json"
+    code = main(["benchmark", "--plans-file", str(tiny_plans_file(tmp_path)), "-tr", "nnUNetTrainer",
+                 "nnUNetTrainerSegMambaV2", "--device", "cpu", "--amp", "fp32", "--warmup", "0", "--repeats", "1",
+                 "-o", str(output)])
+    out, err = capsys.readouterr()
+    assert code == 130 and "measuring nnUNetTrainerSegMambaV2 ..." in err
+    assert err.splitlines()[-1] == (f"nnunet-segmamba benchmark: error: interrupted after 1 of 2 networks; {output} "
+                                    f"holds them")
+    rows = [line for line in out.splitlines() if line.startswith("nnUNetTrainer")]
+    assert len(rows) == 1 and rows[0].split()[4] == "1.00"  # the step's ratio to itself
+    assert [r["trainer"] for r in json.loads(output.read_text())["results"]] == ["nnUNetTrainer"]
