@@ -50,15 +50,16 @@ def test_matches_sequential_reference(batch, dim, d_state, length, groups):
         assert relative_error(grad, expected) <= 1e-5, name
 
 
-def test_block_by_block_equals_one_block(monkeypatch):
+@pytest.mark.parametrize("tokens_per_block", [2, 70])  # token by token; chunks and a rest
+def test_block_by_block_equals_one_block(monkeypatch, tokens_per_block):
     """Long inputs go through the states in blocks; the carries between blocks must be exact."""
     tensors = [t.detach().float() for t in random_inputs(2, 4, 3, 300, 1, seed=1)]
     whole = [t.clone().requires_grad_() for t in tensors]
     expected = run(scan.selective_scan, whole)
     expected_grads = torch.autograd.grad(expected.square().sum(), whole)
 
-    monkeypatch.setattr(scan, "BLOCK_ELEMENTS", 64)
-    assert len(scan._blocks(300, 2 * 4 * 3)) > 5
+    monkeypatch.setitem(scan.BLOCK_ELEMENTS, "cpu", tokens_per_block * 2 * 4 * 3)  # batch * channels * d_state
+    assert {e - s for s, e in scan._blocks(300, 2 * 4 * 3, torch.device("cpu"))[:-1]} == {tokens_per_block}
     blocked = [t.clone().requires_grad_() for t in tensors]
     result = run(scan.selective_scan, blocked)
     grads = torch.autograd.grad(result.square().sum(), blocked)

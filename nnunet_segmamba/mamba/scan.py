@@ -37,8 +37,11 @@ from torch import Tensor
 CHUNK = 32
 """Tokens scanned one after another inside a chunk (all chunks in parallel)."""
 
-BLOCK_ELEMENTS = 2**23
-"""States (batch * channels * tokens * d_state) materialised at once; longer inputs go block by block."""
+BLOCK_ELEMENTS = {"cpu": 2**20, "cuda": 2**23}
+"""States (batch * channels * tokens * d_state) materialised at once, per device type; longer inputs go block by
+block. On the CPU 4 MiB of fp32: a block's tensors stay in the caches and in memory that malloc hands out again,
+where 32 MiB blocks took twice as long at the brain task's Mamba stages (BENCHMARKS.md, "The exact PyTorch scan
+on the CPU"); on a GPU larger blocks mean fewer kernel launches."""
 
 
 def linear_recurrence_(a: Tensor, b: Tensor, h0: Tensor | None, reverse: bool = False) -> Tensor:
@@ -83,10 +86,10 @@ def _sequential_(a: Tensor, b: Tensor, h0: Tensor | None, reverse: bool, dim: in
     return b
 
 
-def _blocks(length: int, per_token: int) -> list[tuple[int, int]]:
-    """Token ranges [start, end) whose states (per_token = batch * channels * d_state each) fit in BLOCK_ELEMENTS,
-    a multiple of CHUNK long."""
-    size = max(CHUNK, BLOCK_ELEMENTS // per_token // CHUNK * CHUNK)
+def _blocks(length: int, per_token: int, device: torch.device) -> list[tuple[int, int]]:
+    """Token ranges [start, end) whose states (per_token = batch * channels * d_state each) fit in the device's
+    BLOCK_ELEMENTS (at least one token)."""
+    size = max(1, BLOCK_ELEMENTS.get(device.type, BLOCK_ELEMENTS["cuda"]) // per_token)
     return [(s, min(s + size, length)) for s in range(0, length, size)]
 
 
@@ -115,7 +118,7 @@ class _SelectiveScan(torch.autograd.Function):
         y = torch.empty_like(u)
         h = u.new_zeros(*u.shape[1:], A.shape[-1])
         starts = []
-        for s, e in _blocks(u.shape[0], h.numel()):
+        for s, e in _blocks(u.shape[0], h.numel(), u.device):
             starts.append(h)
             _, states = _decays_and_states(u[s:e], delta[s:e], A, B[s:e], h)
             y[s:e] = _sum_over_states(states, C[s:e])
@@ -132,7 +135,7 @@ class _SelectiveScan(torch.autograd.Function):
         du, ddelta, dB, dC = (torch.empty_like(t) for t in (u, delta, B, C))
         dA = torch.zeros_like(A)
         carry = torch.zeros_like(starts[0])  # g at the first token of the block after this one
-        for (s, e), h0 in reversed(list(zip(_blocks(u.shape[0], starts[0].numel()), starts))):
+        for (s, e), h0 in reversed(list(zip(_blocks(u.shape[0], starts[0].numel(), u.device), starts))):
             u_, delta_, B_, dy_ = u[s:e], delta[s:e], B[s:e], dy[s:e]
             decay, states = _decays_and_states(u_, delta_, A, B_, h0)
             dh = dy_.unsqueeze(-1) * C[s:e].unsqueeze(-2)  # C_t dy_t, then dh_t
