@@ -45,7 +45,7 @@ class Budget:
     trainers: tuple[str, ...]
 
 
-BUDGETS = {  # cpu: 524 s on 2 cores, test Dice 0.95-0.96 (BENCHMARKS.md, "The demo"); gpu: not yet measured
+BUDGETS = {  # cpu: times and test Dice in BENCHMARKS.md, "The demo"; gpu: not yet measured
     "cpu": Budget("demo", cases=12, test_cases=4, epochs=10, iterations=40, trainers=TRAINERS[:2]),
     "gpu": Budget("demo", cases=20, test_cases=5, epochs=12, iterations=50, trainers=TRAINERS),
 }
