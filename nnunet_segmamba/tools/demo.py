@@ -46,7 +46,7 @@ class Budget:
 
 
 BUDGETS = {  # cpu: times and test Dice in BENCHMARKS.md, "The demo"; gpu: not yet measured
-    "cpu": Budget("demo", cases=12, test_cases=4, epochs=10, iterations=40, trainers=TRAINERS[:2]),
+    "cpu": Budget("demo", cases=12, test_cases=4, epochs=10, iterations=60, trainers=TRAINERS[:2]),
     "gpu": Budget("demo", cases=20, test_cases=5, epochs=12, iterations=50, trainers=TRAINERS),
 }
 PROGRESS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Epoch time", "Preprocessing",
@@ -213,8 +213,12 @@ def main(args: argparse.Namespace) -> int:
                                          "num_val_iterations_per_epoch": max(1, iterations // 10)})
                  for name, base in bases.items()}
         write_variants_module(workspace.trainers, "demo_trainers", short)
+        # nnU-Net's fingerprinting starts 8 worker processes by default: for these small cases the start-ups cost
+        # more than the work (2 cores: 19 s with them, 12 s with one)
+        workers = env["nnUNet_def_n_proc"]
         stages.update(run_steps({"plan_and_preprocess": ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID),
-                                                         "-c", "3d_fullres", "-np", "2"]}, workspace, env))
+                                                         "-c", "3d_fullres", "-npfp", workers, "-np", workers]},
+                                workspace, env))
         train_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0" if device == "cpu" else "8")}
         seconds = {}
         for name in short:
@@ -224,13 +228,14 @@ def main(args: argparse.Namespace) -> int:
         models = {name: workspace.results / dataset / f"{name}__nnUNetPlans__3d_fullres" for name in short}
         predict = {name: ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(workspace.predictions / name),
                           "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", name, "-f", "0", "-device", device,
-                          "-npp", "1", "-nps", "1", *(["--disable_tta"] if device == "cpu" else [])]
+                          "-npp", "0", "-nps", "0", *(["--disable_tta"] if device == "cpu" else [])]
                    for name in short}
         evaluate = {name: ["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(workspace.predictions / name),
                            "-djfile", str(raw / "dataset.json"), "-pfile", str(models[name] / "plans.json"), "-np",
                            "1"] for name in short}
         # trainings one after the other (their times are compared); all trainers' predictions side by side, then
-        # all evaluations: a stock command's cost here is mostly its start-up
+        # all evaluations: a stock command's cost here is mostly its start-up. -npp 0 -nps 0: nnU-Net predicts in
+        # its own process, starting no workers (2 cores: 8 s for two trainers instead of 15 s)
         for name, commands in (("predict", predict), ("evaluate", evaluate)):
             with stage(stages, name):
                 run_steps({f"{name}_{trainer}": command for trainer, command in commands.items()}, workspace, env)
