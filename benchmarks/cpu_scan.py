@@ -15,7 +15,7 @@ import torch
 from nnunet_segmamba.mamba.scan import selective_scan
 
 SHAPES = {  # name: (batch, channels (K orders x d_inner), groups (K), tokens)
-    "demo, SegMamba-V2 at 4x4x4 (d_model 256)": (2, 3 * 512, 3, 64),
+    "demo, SegMamba-V2 at 4x6x6 (d_model 128)": (2, 3 * 256, 3, 144),
     "brain, SegMamba-V2 at 7x8x7 (d_model 256)": (2, 3 * 512, 3, 392),
     "brain, SegMamba at 14x16x14 (d_model 128)": (2, 3 * 256, 3, 3136),
     "brain, MambaClinix at 14x16x14 (d_model 128)": (2, 256, 1, 3136),
