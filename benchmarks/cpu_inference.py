@@ -4,8 +4,11 @@ The brain task (`synth` preset `mni`: the MNI152 template deformed, at nnU-Net's
 for a token budget (1 epoch x 2 iterations: the checkpoint is what counts here, not its accuracy), then the stock
 `nnUNetv2_predict -device cpu` of the test cases with nnU-Net's defaults (mirroring, step 0.5), timed per trainer,
 the trainers taking turns in every repeat so that load from other work falls on all of them alike. Reports the wall
-time and the CPU time (user + system of the command and its worker processes) per run, each with its ratio to
-nnU-Net's network. Re-running skips what a run before did (the dataset, the trainings).
+time and the CPU time (user + system of the command and its worker processes) per run, and the network's share: the
+sliding-window seconds per case that nnUNetv2_predict's progress bar reports, summed; each with its ratio to the first
+trainer's. That is nnUNetTrainerLateral: nnU-Net's network with the same mirroring as ours (the brain task has
+left/right labels: our trainers and it mirror 2 axes at test time, 4 passes per patch; stock nnUNetTrainer mirrors 3
+axes, 8 passes). Re-running skips what a run before did (the dataset, the trainings).
 
     python3 -u benchmarks/cpu_inference.py [--workspace /tmp/cpu_inference] [--test-cases 2] [--repeats 2]
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -30,7 +34,8 @@ from nnunet_segmamba.tools.results import parameter_count
 from nnunet_segmamba.training.variants import write_variants_module
 
 DATASET_ID, NAME = 985, "BrainCPU"
-TRAINERS = ["nnUNetTrainer", "nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMamba", "nnUNetTrainerMambaClinix"]
+TRAINERS = ["nnUNetTrainerLateral", "nnUNetTrainer", "nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMamba",
+            "nnUNetTrainerMambaClinix"]
 TOKEN_BUDGET = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
 SUFFIX = "_1x2"
 
@@ -74,9 +79,9 @@ def train(workspace: Path, trainers: list[str], env: dict[str, str]) -> None:
 
 
 def predict(workspace: Path, raw: Path, trainers: list[str], repeats: int, env: dict[str, str]) -> dict:
-    """{trainer: {"wall": [...], "cpu": [...]}}: nnUNetv2_predict -device cpu of the test cases, the trainers taking
-    turns in every repeat."""
-    times = {name: {"wall": [], "cpu": []} for name in trainers}
+    """{trainer: {"wall": [...], "cpu": [...], "network": [...]}}: nnUNetv2_predict -device cpu of the test cases,
+    the trainers taking turns in every repeat."""
+    times = {name: {"wall": [], "cpu": [], "network": []} for name in trainers}
     for repeat in range(repeats):
         for name in trainers:
             output = workspace / "predictions" / name
@@ -86,19 +91,39 @@ def predict(workspace: Path, raw: Path, trainers: list[str], repeats: int, env: 
                             workspace / f"predict_{name}.log")
             times[name]["wall"].append(wall)
             times[name]["cpu"].append(cpu)
-            print(f"   repeat {repeat + 1}: {name} {wall:.1f} s ({cpu:.1f} CPU s)", flush=True)
+            times[name]["network"].append(sliding_window_seconds(workspace / f"predict_{name}.log"))
+            print(f"   repeat {repeat + 1}: {name} {wall:.1f} s ({cpu:.1f} CPU s, network "
+                  f"{times[name]['network'][-1]:.1f} s)", flush=True)
     return times
 
 
+def sliding_window_seconds(log: Path) -> float:
+    """The cases' sliding-window seconds in nnUNetv2_predict's output: per progress bar (a line each) its final
+    state `n/n [elapsed<left, rate]`, n patches at that rate."""
+    total = 0.0
+    for line in log.read_bytes().decode(errors="replace").split("\n"):  # a bar redraws itself after \r
+        done = [m for m in re.findall(r"(\d+)/(\d+) \[[^,\]]*, *([\d.]+)(s/it|it/s)\]", line) if m[0] == m[1]]
+        if done:
+            n, _, rate, unit = done[-1]
+            total += int(n) * (float(rate) if unit == "s/it" else 1 / float(rate))
+    return total
+
+
+def threads() -> int:
+    """The torch threads nnUNetv2_predict runs its network with on the CPU: min(nnUNet_def_n_proc, CPUs)."""
+    return min(int(os.environ.get("nnUNet_def_n_proc", 8)), os.cpu_count() or 1)
+
+
 def table(times: dict, params: dict, cases: int) -> str:
-    """Markdown: per trainer the median wall and CPU seconds per run, each with its ratio to the first trainer's."""
+    """Markdown: per trainer the median wall, CPU and network seconds per run, each with its ratio to the first
+    trainer's."""
     medians = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     reference = next(iter(medians.values()))
-    lines = [f"| network (trainer) | params M | nnUNetv2_predict, {cases} cases: wall s | x nnU-Net | CPU s | x nnU-Net |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| network (trainer) | params M | nnUNetv2_predict, {cases} cases: wall s | x | CPU s | x | "
+             f"sliding windows s | x |", "|---|---|---|---|---|---|---|---|"]
     for name, m in medians.items():
-        lines.append(f"| {name.removesuffix(SUFFIX)} | {params[name]:.1f} | {m['wall']:.1f} | "
-                     f"{m['wall'] / reference['wall']:.2f} | {m['cpu']:.1f} | {m['cpu'] / reference['cpu']:.2f} |")
+        cells = " | ".join(f"{m[k]:.1f} | {m[k] / reference[k]:.2f}" for k in ("wall", "cpu", "network"))
+        lines.append(f"| {name.removesuffix(SUFFIX)} | {params[name]:.1f} | {cells} |")
     return "\n".join(lines)
 
 
@@ -134,7 +159,7 @@ def main() -> int:
     configuration = plans["configurations"]["3d_fullres"]
     print(f"\nnnUNetv2_predict -device cpu, {args.test_cases} cases of the brain task (patch "
           f"{configuration['patch_size']}, median image {configuration['median_image_size_in_voxels']}), medians of "
-          f"{args.repeats} runs, torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}\n")
+          f"{args.repeats} runs, torch threads: {threads()}\n")
     print(table(times, params, args.test_cases))
     return 0
 
