@@ -16,6 +16,8 @@ import pytest
 from nnunet_segmamba.cli import main
 from nnunet_segmamba.datasets.raw import write_raw_dataset
 from nnunet_segmamba.datasets.tasks import task_from_preset
+from nnunet_segmamba.tools.environment import ext_trainer_folders
+from nnunet_segmamba.tools.fold_results import merge_results, pack
 from nnunet_segmamba.tools.sweep_jobs import LOCK, FoldJob, fold_state, lock_holder
 from tests.folders import nnunet_folders
 
@@ -42,7 +44,7 @@ def nnunet(tmp_path_factory) -> dict[str, str]:
 
 
 def sweep_command(output: Path) -> list[str]:
-    return [str(BIN / "nnunet-segmamba"), "sweep", *GRID, "-o", str(output)]
+    return [str(BIN / "nnunet-segmamba"), "sweep", *GRID, "--keep", "results", "-o", str(output)]
 
 
 def fold_folders(env: dict[str, str]) -> list[Path]:
@@ -98,9 +100,10 @@ def test_bad_arguments_are_one_line_errors_and_write_nothing(nnunet, tmp_path, m
 
 @pytest.mark.e2e
 def test_sweep_killed_then_resumed_compares_every_fold(nnunet, tmp_path):
-    """2 datasets x 2 trainers x 2 folds, 2 at once: SIGKILL of the whole sweep mid-way; the same command again
-    skips the finished folds, continues the one that was validating with --c and trains the rest; `compare`
-    gets every fold."""
+    """2 datasets x 2 trainers x 2 folds, 2 at once, kept as results: SIGKILL of the whole sweep mid-way; the same
+    command again skips the finished folds, continues the one that was validating with --c and trains the rest;
+    `compare` gets every fold. The folds' results, packed and merged into an empty nnUNet_results, give the same
+    comparison."""
     folds, output = fold_folders(nnunet), tmp_path / "sweep"
     started = time.time()
     kill_while_validating(sweep_command(output), nnunet, folds, tmp_path / "killed.log")
@@ -109,7 +112,7 @@ def test_sweep_killed_then_resumed_compares_every_fold(nnunet, tmp_path):
     while (held := [lock_holder(f) for f in folds if lock_holder(f)]) and time.time() < deadline:
         time.sleep(0.1)
     assert not held  # nothing of the killed sweep trains on
-    finished = {f: (f / "checkpoint_final.pth").stat().st_mtime_ns for f in folds if fold_state(f) == "finished"}
+    finished = {f: summary_file(f).stat().st_mtime_ns for f in folds if fold_state(f) == "finished"}
     validating = [f for f in folds if fold_state(f) == "interrupted"]
     assert finished and validating
 
@@ -118,7 +121,7 @@ def test_sweep_killed_then_resumed_compares_every_fold(nnunet, tmp_path):
     print(f"killed after {killed_after:.0f} s, re-run {time.time() - started - killed_after:.0f} s\n{result.stdout}")
     for folder, mtime in finished.items():
         assert f"skipped  {label(folder)}: finished earlier" in result.stdout
-        assert (folder / "checkpoint_final.pth").stat().st_mtime_ns == mtime  # not retrained
+        assert summary_file(folder).stat().st_mtime_ns == mtime  # not retrained
     for folder in validating:
         assert f"started  {label(folder)}: continues (--c)" in result.stdout
         assert f"resumed  {label(folder)}: in " in result.stdout
@@ -127,12 +130,30 @@ def test_sweep_killed_then_resumed_compares_every_fold(nnunet, tmp_path):
     trained = len(folds) - len(finished) - len(validating)
     assert f"Summary: {trained} trained, {len(validating)} resumed, {len(finished)} skipped, 0 failed" in result.stdout
     assert all(fold_state(f) == "finished" for f in folds)
+    for folder in set(folds) - set(finished):  # kept as results by the re-run
+        assert not list(folder.glob("*.pth")) and not list(folder.glob("validation/*.nii.gz"))
+        assert f"{label(folder)}: in " in result.stdout and "kept as results" in result.stdout
 
     report = json.loads((output / "compare" / "compare.json").read_text())
     cells = {(row["dataset"], row["method"]): row["folds"] for row in report["overview"] if row["split"] == "cv"}
     assert cells == {(f"Dataset{i}_{n}", f"{t}_e1i2"): 2 for i, n in DATASETS.items() for t in TRAINERS}
     assert report["missing"] == [] and report["settings"]["baseline"] == "nnUNetTrainer_e1i2"
     assert "nnUNet_extTrainer=" in result.stdout and str(output / "trainers") in result.stdout
+
+    archive, elsewhere = tmp_path / "results.tar.gz", tmp_path / "elsewhere"
+    assert pack(Path(nnunet["nnUNet_results"]), folds, archive) == len(folds)
+    assert len(merge_results(archive, elsewhere)) == len(folds)
+    env = {**nnunet, "nnUNet_results": str(elsewhere), "nnUNet_extTrainer": ext_trainer_folders(str(output / "trainers"))}
+    compared = subprocess.run([str(BIN / "nnunet-segmamba"), "compare", "-d", *map(str, DATASETS), "-tr",
+                               *(f"{t}_e1i2" for t in TRAINERS), "-f", "0", "1", "--baseline", "nnUNetTrainer_e1i2",
+                               "-o", str(tmp_path / "compared")],
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert compared.returncode == 0, compared.stdout[-3000:] + compared.stderr[-3000:]
+    assert json.loads((tmp_path / "compared" / "compare.json").read_text())["overview"] == report["overview"]
+
+
+def summary_file(fold: Path) -> Path:
+    return fold / "validation" / "summary.json"
 
 
 def fake_job(root: Path, code: str, name: str = "fold_0") -> FoldJob:
@@ -221,3 +242,27 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_time_limit_starts_no_fold_that_cannot_finish_and_stops_those_in_flight(tmp_path):
+    """--time-limit: jobs of ~5 s, one at a time, 9 s: the first runs; the second would end after the limit, so
+    neither it nor the third starts (whatever submitit's start-up takes below 4 s). Two at a time, 1.5 s, jobs of 300 s: both start (nothing finished yet says
+    how long a fold takes) and are stopped at the limit, their processes gone."""
+    import submitit
+
+    from nnunet_segmamba.tools import sweep_runner
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=60)
+    short = [fake_job(tmp_path, "import time; time.sleep(5)", f"short_{i}") for i in range(3)]
+    results = sweep_runner.run_jobs(executor, short, 1, True, {"nnUNet_extTrainer": ""}, sweep_runner.Progress(),
+                                    time.time() + 9)
+    assert [(job.label, result.status) for job, result in results] == [
+        ("short_0", "trained"), ("short_1", "not run"), ("short_2", "not run")]
+
+    long = [fake_job(tmp_path, "import time; time.sleep(300)", f"long_{i}") for i in range(2)]
+    started = time.time()
+    results = sweep_runner.run_jobs(executor, long, 2, True, {"nnUNet_extTrainer": ""}, sweep_runner.Progress(),
+                                    started + 1.5)
+    assert sorted(result.status for _, result in results) == ["stopped", "stopped"]
+    assert time.time() - started < 60 and not any(lock_holder(tmp_path / f"long_{i}") for i in range(2))

@@ -1,9 +1,11 @@
 """`nnunet-segmamba sweep`: train trainers x datasets x folds with nnU-Net's stock command, then compare them.
 
 Each fold is one `nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS` job run by submitit, on this
-machine (at most --jobs at once, sharing the CPUs for data augmentation) or on Slurm. --epochs/--iterations train
-fixed-budget variants `<trainer>_e{E}i{I}`. A re-run skips finished folds and continues interrupted ones (--c);
-at the end `nnunet-segmamba compare` gives paired statistics across the folds.
+machine (at most --jobs at once, sharing the CPUs for data augmentation) or on Slurm, folds outermost.
+--epochs/--iterations train fixed-budget variants `<trainer>_e{E}i{I}`; --keep results deletes each fold's
+checkpoints once it is validated; --time-limit stops starting folds that would not finish in time. A re-run skips
+finished folds (validated, kept whole or as results) and continues interrupted ones (--c); at the end
+`nnunet-segmamba compare` gives paired statistics across the folds.
 """
 
 from __future__ import annotations
@@ -165,16 +167,16 @@ def case_identifiers(base: Path, plans: str, configuration: str) -> list[str]:
     return sorted(infer_dataset_class(data).get_identifiers(data))
 
 
-def write_missing_splits(grid: Grid) -> None:
-    """nnU-Net's default 5-fold split, written atomically where it is missing: concurrent first trainings of a
-    dataset would each write it while another reads it."""
+def write_missing_splits(datasets: list[str], plans: str, configuration: str) -> None:
+    """nnU-Net's default 5-fold split of the preprocessed cases, written atomically where a dataset has no
+    splits_final.json: concurrent first trainings of a dataset would each write it while another reads it."""
     from batchgenerators.utilities.file_and_folder_operations import save_json
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    for dataset in grid.datasets:
+    for dataset in datasets:
         base = Path(os.environ["nnUNet_preprocessed"]) / dataset
         if not (base / "splits_final.json").is_file():
-            identifiers = case_identifiers(base, grid.plans[0], grid.configurations[0])
+            identifiers = case_identifiers(base, plans, configuration)
             partial = base / f".splits_final.json.{os.getpid()}"
             save_json(generate_crossval_split(identifiers, seed=12345, n_splits=NNUNET_FOLDS), str(partial))
             os.replace(partial, base / "splits_final.json")
@@ -187,7 +189,7 @@ def prepare(grid: Grid) -> Path | None:
     grid.output.mkdir(parents=True, exist_ok=True)
     (grid.output / MARKER).write_text("created by nnunet-segmamba sweep; its logs, trainer variants, jobs, "
                                       "comparison\n")
-    write_missing_splits(grid)
+    write_missing_splits(grid.datasets, grid.plans[0], grid.configurations[0])
     if not grid.budget:
         return None
     folder = grid.output / "trainers"
@@ -212,22 +214,23 @@ def job_environment(args: argparse.Namespace, variants: Path | None) -> dict[str
     return env
 
 
-def fold_jobs(grid: Grid, env: dict[str, str | None]) -> list[FoldJob]:
-    """Every fold of the grid, datasets outermost."""
+def fold_jobs(grid: Grid, env: dict[str, str | None], results_only: bool) -> list[FoldJob]:
+    """Every fold of the grid, folds outermost: a sweep cut short holds whole folds of every cell first."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     jobs = []
-    for dataset in grid.datasets:
-        for trainer in grid.trainers:
-            for plans in grid.plans:
-                for configuration in grid.configurations:
-                    model = f"{trainer}__{plans}__{configuration}"
-                    for fold in grid.folds:
+    for fold in grid.folds:
+        for dataset in grid.datasets:
+            for trainer in grid.trainers:
+                for plans in grid.plans:
+                    for configuration in grid.configurations:
+                        model = f"{trainer}__{plans}__{configuration}"
                         command = ["nnUNetv2_train", dataset, configuration, fold, "-tr", trainer, "-p", plans,
                                    "-device", grid.device]
                         jobs.append(FoldJob(f"{dataset} {model} fold {fold}", command,
                                             get_output_folder(dataset, trainer, plans, configuration, int(fold)),
-                                            str(grid.output / "logs" / dataset / f"{model}_fold{fold}.log"), env))
+                                            str(grid.output / "logs" / dataset / f"{model}_fold{fold}.log"), env,
+                                            results_only))
     return jobs
 
 
@@ -284,6 +287,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "nnUNet_n_proc_DA = CPUs // jobs unless set (default: 1)")
     parser.add_argument("--cluster", choices=("local", "slurm"), default="local",
                         help="where submitit runs the jobs (default: local)")
+    parser.add_argument("--keep", choices=("all", "results"), default="all",
+                        help="what a trained fold keeps: all (nnU-Net's checkpoints and validation predictions "
+                        "too) or results (validation summary, logs, progress.png, debug.json; a few hundred kB): "
+                        "folds kept as results count as finished and `compare` reads them (default: all)")
+    parser.add_argument("--time-limit", type=_positive_minutes, metavar="MINUTES",
+                        help="start no fold that would not finish within MINUTES of the sweep's start (judged by "
+                        "the longest fold it has finished) and cancel the folds still running then; run the same "
+                        "command again to go on")
     slurm = parser.add_argument_group("Slurm (--cluster slurm)")
     slurm.add_argument("--slurm-partition", help="partition")
     slurm.add_argument("--slurm-time-min", type=positive, default=24 * 60, help="time limit per job in minutes; "
@@ -300,13 +311,25 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _positive_minutes(text: str) -> float:
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text!r}")
+    return minutes
+
+
 def summary(results: list[tuple[FoldJob, JobResult]], skipped: int, seconds: float) -> str:
     """Counts by outcome, and the failed folds with their logs."""
     counts = {status: sum(r.status == status for _, r in results) for status in ("trained", "resumed", "skipped",
-                                                                                 "failed")}
+                                                                                 "failed", "stopped", "not run")}
     counts["skipped"] += skipped
+    left = counts.pop("stopped") + counts.pop("not run")
     failed = "".join(f"\n  failed: {job.label}; log {job.log}" for job, r in results if r.status == "failed")
-    return f"Summary: {', '.join(f'{n} {status}' for status, n in counts.items())} in {seconds:.0f} s{failed}"
+    later = f"; {left} left by the time limit: run the same command again to go on" if left else ""
+    return f"Summary: {', '.join(f'{n} {status}' for status, n in counts.items())} in {seconds:.0f} s{later}{failed}"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -322,7 +345,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     env, local = job_environment(args, variants), args.cluster == "local"
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # compare's trainer lookups find the variants too
-    jobs = fold_jobs(grid, env)
+    jobs = fold_jobs(grid, env, args.keep == "results")
     progress = Progress()
     print(f"nnunet-segmamba sweep: {len(jobs)} folds ({len(grid.datasets)} datasets x {len(grid.trainers)} trainers "
           f"x {len(grid.folds)} folds), device {grid.device}, "
@@ -330,12 +353,14 @@ def main(args: argparse.Namespace) -> int:
     todo = []
     for job in jobs:
         if fold_state(Path(job.folder)) == "finished":
-            progress.line("skipped", job, "finished earlier (checkpoint_final.pth, validation/summary.json)")
+            progress.line("skipped", job, "finished earlier (validation/summary.json)")
         else:
             todo.append(job)
     interrupt_on_termination()
+    deadline = progress.started + 60 * args.time_limit if args.time_limit else None
     try:
-        results = run_jobs(make_executor(args, grid), todo, args.jobs if local else len(todo), local, env, progress)
+        results = run_jobs(make_executor(args, grid), todo, args.jobs if local else len(todo), local, env, progress,
+                           deadline)
     except KeyboardInterrupt:
         print("\ninterrupted: the jobs in flight were cancelled. Run the same command again to go on (finished "
               "folds are skipped, interrupted ones continued).", file=sys.stderr)

@@ -19,16 +19,19 @@ from typing import IO
 
 from submitit.helpers import Checkpointable
 
+from nnunet_segmamba.tools.fold_results import fold_has_results, keep_results
+
 LOCK = ".nnunet_segmamba_sweep.lock"
 """In each fold folder: held (flock) by the job training it and by its nnUNetv2_train, so no two trainings of a
 fold run at once, whichever sweep (or killed sweep's leftover) started them."""
 
 def fold_state(folder: Path) -> str:
-    """'finished' (checkpoint_final.pth and validation/summary.json), 'interrupted' (a checkpoint nnU-Net's --c
-    continues from) or 'new'."""
-    if (folder / "checkpoint_final.pth").is_file():
-        return "finished" if (folder / "validation" / "summary.json").is_file() else "interrupted"
-    return "interrupted" if (folder / "checkpoint_latest.pth").is_file() else "new"
+    """'finished' (validated: validation/summary.json, with its checkpoints or kept as results only),
+    'interrupted' (a checkpoint nnU-Net's --c continues from, checkpoint_final.pth while validating) or 'new'."""
+    if fold_has_results(folder):
+        return "finished"
+    checkpoints = ("checkpoint_final.pth", "checkpoint_latest.pth")
+    return "interrupted" if any((folder / name).is_file() for name in checkpoints) else "new"
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class FoldJob(Checkpointable):
     log: str
     env: dict[str, str | None]
     """Changes to the job's environment (None: unset)."""
+    results_only: bool = False
+    """Once trained and validated, keep the fold's results and delete its checkpoints (`fold_results`)."""
 
     def __call__(self) -> JobResult:
         folder = Path(self.folder)
@@ -73,8 +78,11 @@ class FoldJob(Checkpointable):
             command = [*self.command, "--c"] if state == "interrupted" else self.command
             started = time.time()
             returncode = run_logged(command, self.env, Path(self.log), lock)
+            note = ""
+            if returncode == 0 and self.results_only and fold_state(folder) == "finished":
+                note = f"kept as results, {keep_results(folder) / 2**20:.0f} MiB of checkpoints deleted"
             return JobResult("resumed" if state == "interrupted" else "trained", returncode, time.time() - started,
-                             command)
+                             command, note)
 
 
 def holder(lock: IO[str]) -> str:

@@ -46,7 +46,8 @@ def finish(job: FoldJob, handle: submitit.Job, env: dict[str, str | None], progr
         result = JobResult("failed", 1, 0.0, job.command, f"the job did not complete; submitit's log: "
                                                            f"{handle.paths.stderr}")
     if result.status != "failed":
-        progress.line(result.status, job, f"in {result.seconds:.0f} s; log {job.log}")
+        progress.line(result.status, job, f"in {result.seconds:.0f} s; {result.note + '; ' if result.note else ''}"
+                                          f"log {job.log}")
         return result
     code = f"exit code {result.returncode}" if result.action in ("trained", "resumed") else result.note
     progress.line("FAILED", job, f"{code}; log {job.log}")
@@ -91,11 +92,22 @@ def stderr_to(path: Path | None) -> Iterator[None]:
 
 
 def run_jobs(executor: submitit.Executor, jobs: list[FoldJob], cap: int, local: bool, env: dict[str, str | None],
-             progress: Progress) -> list[tuple[FoldJob, JobResult]]:
-    """Submit the jobs, at most `cap` in flight; their results as they finish."""
+             progress: Progress, deadline: float | None = None) -> list[tuple[FoldJob, JobResult]]:
+    """Submit the jobs, at most `cap` in flight; their results as they finish. With a `deadline` (a time.time()),
+    no job starts that would not finish by then, judged by the longest job finished so far ('not run'), and the
+    jobs in flight at the deadline are cancelled ('stopped')."""
     pending, running, results = list(jobs), [], []
     try:
         while pending or running:
+            if deadline is not None and pending and time.time() + longest(results) > deadline:
+                for job in pending:
+                    progress.line("not run", job, "the time limit leaves too little time for it")
+                results += [(job, JobResult("not run", 0, 0.0, job.command)) for job in pending]
+                pending = []
+            if deadline is not None and running and time.time() > deadline:
+                cancel(running, local, progress)
+                results += [(job, JobResult("stopped", 0, 0.0, job.command)) for job, _ in running]
+                break
             batch, pending = pending[:cap - len(running)], pending[cap - len(running):]
             if batch:
                 with stderr_to(Path(executor.folder) / "controllers.log" if local else None), executor.batch():
@@ -112,6 +124,11 @@ def run_jobs(executor: submitit.Executor, jobs: list[FoldJob], cap: int, local: 
         cancel(running, local, progress)
         raise
     return results
+
+
+def longest(results: list[tuple[FoldJob, JobResult]]) -> float:
+    """Seconds of the longest job that trained a fold to its end (0 before one has)."""
+    return max((r.seconds for _, r in results if r.status in ("trained", "resumed")), default=0.0)
 
 
 def interrupt_on_termination() -> None:
