@@ -80,7 +80,7 @@ class FoldJob(Checkpointable):
             returncode = run_logged(command, self.env, Path(self.log), lock)
             note = ""
             if returncode == 0 and self.results_only and fold_state(folder) == "finished":
-                note = f"kept as results, {keep_results(folder) / 2**20:.0f} MiB of checkpoints deleted"
+                note = f"kept as results, {keep_results(folder) / 2**20:.0f} MiB of checkpoints and predictions deleted"
             return JobResult("resumed" if state == "interrupted" else "trained", returncode, time.time() - started,
                              command, note)
 
