@@ -192,8 +192,8 @@ def table(root: Path, args: argparse.Namespace) -> str:
             name = class_names(root, row["dataset"]).get(str(row["label"]), str(row["label"]))
             per_class.setdefault((row["dataset"], row["method"]), []).append(
                 f"{name} {mean_sd(row['dice'], row['std_folds'])}")
-    lines = ["| task | trainer | folds | Dice per class (mean ± sd over folds) | fg Dice | Δ vs baseline | p (Holm) | "
-             "params M |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | trainer | folds | Dice per class (mean ± sd over folds) | fg Dice | Δ vs baseline | "
+             "p (Holm) | params M |", "|---|---|---|---|---|---|---|---|"]
     baseline = f"{BASELINE}{budget_suffix(args)}"
     for row in result.overview.to_dict("records"):
         task, trainer = row["dataset"].split("_", 1)[1], row["method"].removesuffix(budget_suffix(args))

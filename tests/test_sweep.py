@@ -143,7 +143,8 @@ def test_sweep_killed_then_resumed_compares_every_fold(nnunet, tmp_path):
     archive, elsewhere = tmp_path / "results.tar.gz", tmp_path / "elsewhere"
     assert pack(Path(nnunet["nnUNet_results"]), folds, archive) == len(folds)
     assert len(merge_results(archive, elsewhere)) == len(folds)
-    env = {**nnunet, "nnUNet_results": str(elsewhere), "nnUNet_extTrainer": ext_trainer_folders(str(output / "trainers"))}
+    env = {**nnunet, "nnUNet_results": str(elsewhere),
+           "nnUNet_extTrainer": ext_trainer_folders(str(output / "trainers"))}
     compared = subprocess.run([str(BIN / "nnunet-segmamba"), "compare", "-d", *map(str, DATASETS), "-tr",
                                *(f"{t}_e1i2" for t in TRAINERS), "-f", "0", "1", "--baseline", "nnUNetTrainer_e1i2",
                                "-o", str(tmp_path / "compared")],
@@ -246,8 +247,9 @@ def alive(pid: int) -> bool:
 
 def test_time_limit_starts_no_fold_that_cannot_finish_and_stops_those_in_flight(tmp_path):
     """--time-limit: jobs of ~5 s, one at a time, 9 s: the first runs; the second would end after the limit, so
-    neither it nor the third starts (whatever submitit's start-up takes below 4 s). Two at a time, 1.5 s, jobs of 300 s: both start (nothing finished yet says
-    how long a fold takes) and are stopped at the limit, their processes gone."""
+    neither it nor the third starts (whatever submitit's start-up takes below 4 s). Two at a time, 1.5 s, jobs of
+    300 s: both start (nothing finished yet says how long a fold takes) and are stopped at the limit, their
+    processes gone."""
     import submitit
 
     from nnunet_segmamba.tools import sweep_runner
