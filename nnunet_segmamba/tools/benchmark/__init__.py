@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time nnU-Net's sliding-window prediction (with mirroring) of a volume this shape, "
                         "e.g. 4 155 240 240")
     parser.add_argument("--amp", choices=sorted(AMP), default="fp16", help="autocast dtype for all (default fp16)")
+    parser.add_argument("--backends", nargs="+", choices=("cuda", "triton", "torch"), metavar="BACKEND",
+                        help="eager rows of each network with Mamba layers on each of these scan backends, side by "
+                        "side (cuda, triton, torch; --compile compiles once, on the scan our trainers compile "
+                        "with); default: the environment's choice (NNUNET_SEGMAMBA_SCAN)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
@@ -73,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_segmamba.mamba import backend_for_compile, describe_backend, use_backend
+    from nnunet_segmamba.mamba import Mamba, backend_for_compile, describe_backend, use_backend
     from nnunet_segmamba.tools.environment import find_trainer
 
     try:
@@ -110,16 +114,20 @@ def main(args: argparse.Namespace) -> int:
     results = []
     for name, trainer, row_configuration in rows:
         network = trainer.build_network_architecture(manager, row_configuration, in_channels, num_classes, True)
-        use_backend(network, None)  # eager: the environment's scan (under nnUNet_compile the build sets another)
-        print(f"  {name} ...", flush=True)
-        results.append(benchmark_network(name, network, configuration.patch_size, batch_size, in_channels,
-                                         num_classes, device, args.amp, args.warmup, args.repeats,
-                                         profile=args.profile, compiled=args.compile,
-                                         compiled_backend=compiled_backend))
-        if args.predict_volume:
-            network.decoder.deep_supervision = False
-            results[-1].volume_s = predict_volume_seconds(network, manager, row_configuration, num_classes,
-                                                          args.predict_volume, device)
+        has_mamba = any(isinstance(module, Mamba) for module in network.modules())
+        for index, backend in enumerate(args.backends if args.backends and has_mamba else [None]):
+            use_backend(network, backend)  # None: the environment's scan (under nnUNet_compile the build sets another)
+            label = name if backend is None else f"{name} [{backend}]"
+            print(f"  {label} ...", flush=True)
+            results.append(benchmark_network(label, network, configuration.patch_size, batch_size, in_channels,
+                                             num_classes, device, args.amp, args.warmup, args.repeats,
+                                             profile=args.profile, compiled=args.compile and index == 0,
+                                             compiled_backend=compiled_backend))
+            if args.predict_volume:
+                network.decoder.deep_supervision = False
+                results[-1].volume_s = predict_volume_seconds(network, manager, row_configuration, num_classes,
+                                                              args.predict_volume, device)
+                network.decoder.deep_supervision = True
         del network
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -57,7 +57,8 @@ def format_profile(trainer: str, profile: dict, step_ms: float) -> str:
 
 def format_compiled(results: list[Result]) -> str:
     """The --compile table (compiled step ms, speed-up over eager, peak, compile seconds and graph breaks, or the
-    error), then the graph breaks' reasons."""
+    error), then the graph breaks' reasons; rows not compiled (a network's further --backends rows) are left out."""
+    results = [r for r in results if r.compiled is not None]
     header = (f"{'trainer (torch.compile)':<34} {'step ms':>9} {'speed-up':>9} {'peak GiB':>9} {'compile s':>10} "
               f"{'graph breaks':>13}")
     lines = [header, "-" * len(header)]
