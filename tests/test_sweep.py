@@ -268,3 +268,20 @@ def test_time_limit_starts_no_fold_that_cannot_finish_and_stops_those_in_flight(
                                     started + 1.5)
     assert sorted(result.status for _, result in results) == ["stopped", "stopped"]
     assert time.time() - started < 60 and not any(lock_holder(tmp_path / f"long_{i}") for i in range(2))
+
+
+def test_local_jobs_share_the_cpus_for_augmentation_and_validation(monkeypatch):
+    """--jobs folds at once split the CPUs: nnU-Net's augmentation workers and its validation's export and scoring
+    processes (at most nnU-Net's default of 8), unless the user set them."""
+    import argparse
+
+    from nnunet_segmamba.tools.sweep import job_environment
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    for name in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+        monkeypatch.delenv(name, raising=False)
+    shares = {jobs: job_environment(argparse.Namespace(cluster="local", jobs=jobs), None) for jobs in (1, 4, 14)}
+    assert {jobs: (env["nnUNet_n_proc_DA"], env["nnUNet_def_n_proc"]) for jobs, env in shares.items()} == {
+        1: ("16", "8"), 4: ("4", "4"), 14: ("1", "1")}
+    monkeypatch.setenv("nnUNet_def_n_proc", "3")
+    assert job_environment(argparse.Namespace(cluster="local", jobs=14), None)["nnUNet_def_n_proc"] == "3"
