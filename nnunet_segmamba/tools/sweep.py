@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nnunet_segmamba.tools import sweep_slurm
 from nnunet_segmamba.tools.environment import ext_trainer_folders
 from nnunet_segmamba.tools.sweep_jobs import FoldJob, JobResult, fold_state
-from nnunet_segmamba.tools.sweep_runner import Progress, interrupt_on_termination, run_jobs
+from nnunet_segmamba.tools.sweep_runner import Progress, SubmissionFailed, run_jobs
 
 if TYPE_CHECKING:
     import submitit
@@ -48,6 +49,8 @@ class Grid:
     budget: dict[str, int]
     device: str
     output: Path
+    slurm: sweep_slurm.SlurmRequest | None
+    """What each job asks Slurm for (None: the jobs run on this machine)."""
 
 
 def budget_of(args: argparse.Namespace) -> tuple[str, dict[str, int]]:
@@ -152,8 +155,12 @@ def check_arguments(args: argparse.Namespace) -> Grid:
     device = args.device or default_device(args.cluster)
     if device == "cuda" and args.cluster == "local" and default_device("local") != "cuda":
         raise SweepError("-device cuda: no CUDA GPU here; use -device cpu or run on a GPU machine")
+    try:
+        slurm = sweep_slurm.request(args, device) if args.cluster == "slurm" else None
+    except ValueError as error:
+        raise SweepError(str(error)) from None
     return Grid(datasets, {f"{name}{suffix}": cls for name, cls in given.items()}, list(dict.fromkeys(args.plans)),
-                list(dict.fromkeys(args.configurations)), folds, f"{baseline}{suffix}", budget, device, output)
+                list(dict.fromkeys(args.configurations)), folds, f"{baseline}{suffix}", budget, device, output, slurm)
 
 
 def case_identifiers(base: Path, plans: str, configuration: str) -> list[str]:
@@ -196,9 +203,9 @@ def prepare(grid: Grid) -> Path | None:
     return folder
 
 
-def job_environment(args: argparse.Namespace, variants: Path | None) -> dict[str, str | None]:
-    """What the jobs' environment changes: nnU-Net's folders and trainer hook, its augmentation workers, and
-    (locally) the GPUs submitit's local executor hides."""
+def job_environment(args: argparse.Namespace, grid: Grid, variants: Path | None) -> dict[str, str | None]:
+    """What the jobs' environment changes: nnU-Net's folders and trainer hook, its augmentation workers (following
+    the CPUs each job has), and (locally) the GPUs submitit's local executor hides."""
     env = {name: os.path.abspath(os.environ[name]) for name in ("nnUNet_raw", "nnUNet_preprocessed",
                                                                 "nnUNet_results") if os.environ.get(name)}
     env.update(nnUNet_extTrainer=ext_trainer_folders(*([str(variants)] if variants else [])), PYTHONUNBUFFERED="1",
@@ -207,8 +214,8 @@ def job_environment(args: argparse.Namespace, variants: Path | None) -> dict[str
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         env["nnUNet_n_proc_DA"] = os.environ.get("nnUNet_n_proc_DA", str(max(1, cpus // args.jobs)))
-    elif args.slurm_cpus_per_job and "nnUNet_n_proc_DA" not in os.environ:
-        env["nnUNet_n_proc_DA"] = str(args.slurm_cpus_per_job)
+    else:
+        env["nnUNet_n_proc_DA"] = os.environ.get("nnUNet_n_proc_DA", str(grid.slurm.augmentation_workers))
     return env
 
 
@@ -224,25 +231,30 @@ def fold_jobs(grid: Grid, env: dict[str, str | None]) -> list[FoldJob]:
                     model = f"{trainer}__{plans}__{configuration}"
                     for fold in grid.folds:
                         command = ["nnUNetv2_train", dataset, configuration, fold, "-tr", trainer, "-p", plans,
-                                   "-device", grid.device]
+                                   "-device", grid.device, *multi_gpu(grid)]
                         jobs.append(FoldJob(f"{dataset} {model} fold {fold}", command,
                                             get_output_folder(dataset, trainer, plans, configuration, int(fold)),
                                             str(grid.output / "logs" / dataset / f"{model}_fold{fold}.log"), env))
     return jobs
 
 
-def make_executor(args: argparse.Namespace, grid: Grid) -> submitit.AutoExecutor:
-    """submitit's executor for --cluster: local processes, or Slurm jobs (one job array per submission)."""
+def multi_gpu(grid: Grid) -> list[str]:
+    """nnUNetv2_train's own multi-GPU training (DDP on one node) where each Slurm job has several GPUs."""
+    return ["-num_gpus", str(grid.slurm.gpus)] if grid.slurm and grid.slurm.gpus > 1 else []
+
+
+def make_executor(grid: Grid) -> submitit.AutoExecutor:
+    """submitit's executor: local processes, or Slurm jobs (one job array per submission) that are requeued after
+    their time limit at most max_requeues times."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=grid.output / "submitit", cluster=args.cluster)
-    if args.cluster == "local":
+    if grid.slurm is None:
+        executor = submitit.AutoExecutor(folder=grid.output / "submitit", cluster="local")
         executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
     else:
-        gpus = args.slurm_gpus_per_job if args.slurm_gpus_per_job is not None else int(grid.device == "cuda")
-        executor.update_parameters(name="nnunet-segmamba-sweep", timeout_min=args.slurm_time_min, gpus_per_node=gpus,
-                                   cpus_per_task=args.slurm_cpus_per_job, slurm_partition=args.slurm_partition,
-                                   slurm_array_parallelism=args.slurm_array_parallelism)
+        executor = submitit.AutoExecutor(folder=grid.output / "submitit", cluster="slurm",
+                                         slurm_max_num_timeout=grid.slurm.max_requeues)
+        executor.update_parameters(**grid.slurm.executor_parameters())
     return executor
 
 
@@ -285,11 +297,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", choices=("local", "slurm"), default="local",
                         help="where submitit runs the jobs (default: local)")
     slurm = parser.add_argument_group("Slurm (--cluster slurm)")
-    slurm.add_argument("--slurm-partition", help="partition")
-    slurm.add_argument("--slurm-time-min", type=positive, default=24 * 60, help="time limit per job in minutes; "
-                       "a timed-out job is requeued and continues with --c (default: %(default)s)")
-    slurm.add_argument("--slurm-gpus-per-job", type=int, help="default: 1 with -device cuda, else 0")
-    slurm.add_argument("--slurm-cpus-per-job", type=positive, help="CPUs per job (also nnUNet_n_proc_DA unless set)")
+    slurm.add_argument("--slurm-partition", help="partition (default: the cluster's default partition)")
+    slurm.add_argument("--slurm-time-min", type=positive, help="time limit per job in minutes; a job that reaches "
+                       "it is requeued and continues from nnU-Net's last checkpoint (--c) (default: 1440, or the "
+                       "partition's limit if lower)")
+    slurm.add_argument("--slurm-max-requeues", type=_count, default=10, help="times a fold's job is requeued after its "
+                       "time limit (default: %(default)s)")
+    slurm.add_argument("--slurm-gpus-per-job", type=_count, help="GPUs per fold; more than 1 trains with nnU-Net's "
+                       "multi-GPU (nnUNetv2_train -num_gpus) (default: 1 with -device cuda, else 0)")
+    slurm.add_argument("--slurm-cpus-per-job", type=positive, help=f"CPUs per fold; nnUNet_n_proc_DA (unless set) "
+                       f"= CPUs per GPU - 1 (default: {sweep_slurm.CPUS_PER_GPU} per GPU, "
+                       f"{sweep_slurm.CPUS_WITHOUT_GPU} without GPU)")
+    slurm.add_argument("--slurm-mem-gb", type=positive, help="memory per fold in GB (default: the partition's)")
     slurm.add_argument("--slurm-array-parallelism", type=positive,
                        help="jobs running at once (default: as many as the queue allows)")
 
@@ -298,6 +317,18 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return int(text)
+
+
+def on_slurm(slurm: sweep_slurm.SlurmRequest) -> str:
+    gpus = f"{slurm.gpus} GPU{'s' * (slurm.gpus > 1)}, " if slurm.gpus else ""
+    return (f"on Slurm, partition {slurm.partition} ({gpus}{slurm.cpus} CPU{'s' * (slurm.cpus > 1)}, "
+            f"{slurm.time_min} min per job)")
 
 
 def summary(results: list[tuple[FoldJob, JobResult]], skipped: int, seconds: float) -> str:
@@ -320,26 +351,29 @@ def main(args: argparse.Namespace) -> int:
     except OSError as error:  # the folder cannot be written after all (disk full, read-only)
         print(f"nnunet-segmamba sweep: error: {error}", file=sys.stderr)
         return 1
-    env, local = job_environment(args, variants), args.cluster == "local"
+    env, local = job_environment(args, grid, variants), grid.slurm is None
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # compare's trainer lookups find the variants too
     jobs = fold_jobs(grid, env)
     progress = Progress()
     print(f"nnunet-segmamba sweep: {len(jobs)} folds ({len(grid.datasets)} datasets x {len(grid.trainers)} trainers "
           f"x {len(grid.folds)} folds), device {grid.device}, "
-          f"{f'{args.jobs} at once on this machine' if local else 'on Slurm'}; folder {grid.output}", flush=True)
+          f"{f'{args.jobs} at once on this machine' if local else on_slurm(grid.slurm)}; folder {grid.output}",
+          flush=True)
     todo = []
     for job in jobs:
         if fold_state(Path(job.folder)) == "finished":
             progress.line("skipped", job, "finished earlier (checkpoint_final.pth, validation/summary.json)")
         else:
             todo.append(job)
-    interrupt_on_termination()
     try:
-        results = run_jobs(make_executor(args, grid), todo, args.jobs if local else len(todo), local, env, progress)
+        results = run_jobs(make_executor(grid), todo, args.jobs if local else len(todo), local, env, progress)
     except KeyboardInterrupt:
         print("\ninterrupted: the jobs in flight were cancelled. Run the same command again to go on (finished "
               "folds are skipped, interrupted ones continued).", file=sys.stderr)
         return 130
+    except SubmissionFailed as error:
+        print(f"nnunet-segmamba sweep: error: {error}", file=sys.stderr)
+        return 1
     print(summary(results, len(jobs) - len(todo), time.time() - progress.started), flush=True)
     compared = run_compare(grid)
     if variants:

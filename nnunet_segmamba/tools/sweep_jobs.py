@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import time
@@ -17,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from submitit.helpers import Checkpointable
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from nnunet_segmamba.tools.processes import end_tree
 
 LOCK = ".nnunet_segmamba_sweep.lock"
 """In each fold folder: held (flock) by the job training it and by its nnUNetv2_train, so no two trainings of a
@@ -33,7 +34,8 @@ def fold_state(folder: Path) -> str:
 
 @dataclass(frozen=True)
 class JobResult:
-    """What a fold's job did: trained, resumed, skipped (finished meanwhile) or busy (trained elsewhere)."""
+    """What a fold's job did: trained, resumed, skipped (finished meanwhile), busy (trained elsewhere) or refused
+    (its folder cannot be locked)."""
 
     action: str
     returncode: int
@@ -66,6 +68,10 @@ class FoldJob(Checkpointable):
             except BlockingIOError:
                 return JobResult("busy", 1, 0.0, self.command, f"another process trains this fold ({holder(lock)}): "
                                  "wait for it or stop it, then run the sweep again")
+            except OSError as error:  # e.g. Lustre mounted without -o flock
+                return JobResult("refused", 1, 0.0, self.command, f"cannot lock {folder / LOCK} ({error}): "
+                                 "nnUNet_results must be on a filesystem with flock(2) locks (docs/tools.md, Running "
+                                 "on Slurm)")
             write_holder(lock, f"job pid {os.getpid()}")
             state = fold_state(folder)
             if state == "finished":
@@ -75,6 +81,14 @@ class FoldJob(Checkpointable):
             returncode = run_logged(command, self.env, Path(self.log), lock)
             return JobResult("resumed" if state == "interrupted" else "trained", returncode, time.time() - started,
                              command)
+
+    def checkpoint(self) -> DelayedSubmission:
+        """On Slurm's signal before its time limit (or a preemption): the same job, requeued by submitit; it continues
+        from nnU-Net's last checkpoint."""
+        with open(self.log, "a") as out:
+            out.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: stopped by Slurm (time "
+                      "limit or preemption) and requeued; it continues from nnU-Net's last checkpoint (--c)\n")
+        return super().checkpoint()
 
 
 def holder(lock: IO[str]) -> str:
@@ -115,16 +129,5 @@ def run_logged(command: list[str], changes: dict[str, str | None], log: Path, lo
         try:
             return process.wait()
         except BaseException:  # cancelled (SIGINT from submitit, Ctrl-C) or timed out on Slurm (SystemExit)
-            stop(process)
+            end_tree(process)
             raise
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGINT (nnU-Net exits and ends its augmentation workers), SIGKILL if it is still there after 30 s."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
