@@ -159,6 +159,9 @@ def test_job_continues_a_checkpoint_skips_a_finished_fold_and_refuses_a_busy_one
     (tmp_path / "fold_0" / "validation").mkdir()
     (tmp_path / "fold_0" / "validation" / "summary.json").write_text("{}")
     assert job().action == "skipped"
+    requeued = job.checkpoint().function  # what Slurm runs after the time limit: finished by the job's earlier run
+    assert (requeued.requeues, requeued().action) == (1, "resumed")
+    assert "stopped by Slurm (time limit or preemption) and requeued" in (tmp_path / "fold_0.log").read_text()
     with open(tmp_path / "fold_0" / LOCK, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("pid 123 on elsewhere")
@@ -179,6 +182,25 @@ def test_training_holds_the_fold_lock_while_it_runs(tmp_path):
     assert holder and holder.startswith(("pid ", "job pid "))
     thread.join()
     assert lock_holder(tmp_path / "fold_0") is None
+
+
+def test_what_the_job_runs_while_training_survives_the_requeues_sigterm(tmp_path):
+    """On Slurm's time-limit signal submitit runs `scontrol requeue` from the job's process while nnUNetv2_train
+    trains; the requeue sends SIGTERM to all the job's processes, which must not kill scontrol before it returns."""
+    started_meanwhile = []
+
+    def time_limit(signum, frame):  # as submitit's handler: a command run from the job's process
+        started_meanwhile.append(subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal("
+                                                 "signal.SIGTERM) == signal.SIG_IGN)"], capture_output=True,
+                                                text=True).stdout.strip())
+
+    previous = signal.signal(signal.SIGUSR2, time_limit)
+    try:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+        assert fake_job(tmp_path, "import time; time.sleep(3)")().status == "trained"
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert started_meanwhile == ["True"]  # SIGTERM ignored
 
 
 CANCELLED_SWEEP = textwrap.dedent("""

@@ -85,7 +85,7 @@ def end_tree(child: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
     already ended is left alone: once reaped, its pid may belong to another process."""
     if child.poll() is not None:
         return
-    with signals_held():
+    with signals_ignored(*STOP_SIGNALS):  # we are stopping already
         processes = tree(child.pid)
         for signum in (signal.SIGTERM, signal.SIGKILL):
             _signal_all(processes, signum)
@@ -124,12 +124,14 @@ def stop_signals_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Stop signals are ignored within the block (we are already stopping), then handled as before."""
+def signals_ignored(*signums: int) -> Iterator[None]:
+    """The signals are ignored within the block, also by the commands started in it (an ignored signal stays
+    ignored across exec, a handled one does not), then handled as before; outside the main thread this does
+    nothing."""
     if not _in_main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
     try:
         yield
     finally:

@@ -9,16 +9,17 @@ from __future__ import annotations
 import fcntl
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from nnunet_segmamba.tools.processes import end_tree
+from nnunet_segmamba.tools.processes import end_tree, signals_ignored
 
 LOCK = ".nnunet_segmamba_sweep.lock"
 """In each fold folder: held (flock) by the job training it and by its nnUNetv2_train, so no two trainings of a
@@ -58,6 +59,8 @@ class FoldJob(Checkpointable):
     log: str
     env: dict[str, str | None]
     """Changes to the job's environment (None: unset)."""
+    requeues: int = 0
+    """Times Slurm has requeued this job so far."""
 
     def __call__(self) -> JobResult:
         folder = Path(self.folder)
@@ -74,8 +77,8 @@ class FoldJob(Checkpointable):
                                  "on Slurm)")
             write_holder(lock, f"job pid {os.getpid()}")
             state = fold_state(folder)
-            if state == "finished":
-                return JobResult("skipped", 0, 0.0, self.command)
+            if state == "finished":  # by another sweep meanwhile, or by this job before Slurm requeued it
+                return JobResult("resumed" if self.requeues else "skipped", 0, 0.0, self.command)
             command = [*self.command, "--c"] if state == "interrupted" else self.command
             started = time.time()
             returncode = run_logged(command, self.env, Path(self.log), lock)
@@ -88,7 +91,7 @@ class FoldJob(Checkpointable):
         with open(self.log, "a") as out:
             out.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: stopped by Slurm (time "
                       "limit or preemption) and requeued; it continues from nnU-Net's last checkpoint (--c)\n")
-        return super().checkpoint()
+        return DelayedSubmission(replace(self, requeues=self.requeues + 1))
 
 
 def holder(lock: IO[str]) -> str:
@@ -126,8 +129,12 @@ def run_logged(command: list[str], changes: dict[str, str | None], log: Path, lo
         out.flush()
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fileno(),))
         write_holder(lock, f"pid {process.pid}")
-        try:
-            return process.wait()
-        except BaseException:  # cancelled (SIGINT from submitit, Ctrl-C) or timed out on Slurm (SystemExit)
-            end_tree(process)
-            raise
+        # The job's process does not stop on SIGTERM (submitit's handler only logs it); ignored rather than handled,
+        # the `scontrol requeue` that submitit runs on Slurm's time-limit signal inherits that and survives the
+        # SIGTERM which the requeue itself sends to the job's processes
+        with signals_ignored(signal.SIGTERM):
+            try:
+                return process.wait()
+            except BaseException:  # cancelled (SIGINT from submitit, Ctrl-C) or timed out on Slurm (SystemExit)
+                end_tree(process)
+                raise
