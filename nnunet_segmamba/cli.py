@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from nnunet_segmamba.tools.processes import stop_signals_interrupt
+
 TOOLS = {
     "demo": ("demo", "the whole product on generated data, in a workspace of its own (the main job)"),
     "env": ("environment", "print the nnUNet_extTrainer line for nnU-Net's stock commands"),
@@ -27,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
         modules[name].add_arguments(subparsers.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
-    return modules[args.tool].main(args)
+    with stop_signals_interrupt():  # SIGTERM and SIGHUP stop a tool as Ctrl-C does: its children end with it
+        try:
+            return modules[args.tool].main(args)
+        except KeyboardInterrupt:
+            print(f"\nnnunet-segmamba {args.tool}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 
 from nnunet_segmamba.cli import main
-from nnunet_segmamba.datasets.raw import write_raw_dataset
-from nnunet_segmamba.datasets.tasks import task_from_preset
 from nnunet_segmamba.tools.environment import ext_trainer_folders
 from nnunet_segmamba.tools.fold_results import merge_results, pack
 from nnunet_segmamba.tools.sweep_jobs import LOCK, FoldJob, fold_state, lock_holder
-from tests.folders import nnunet_folders
+from tests.folders import preprocessed_tiny_datasets
+from tests.processes import STOP_SIGNALS, mentioning, one_per_stop_signal, stop_with, wait_for
 
 BIN = Path(sys.executable).parent
 DATASETS = {901: "SweepA", 902: "SweepB"}
@@ -31,16 +30,7 @@ GRID = ["-d", *map(str, DATASETS), "-tr", *TRAINERS, "-f", "0", "1", "--epochs",
 @pytest.fixture(scope="module")
 def nnunet(tmp_path_factory) -> dict[str, str]:
     """Two tiny generated datasets, preprocessed; the environment of the sweep's commands."""
-    folders = nnunet_folders(tmp_path_factory.mktemp("nnunet"))
-    for dataset_id, name in DATASETS.items():  # nnU-Net's 5-fold split needs 5 training cases
-        write_raw_dataset(folders["nnUNet_raw"], dataset_id, name, task_from_preset("tiny"), n_train=5, n_test=0,
-                          seed=dataset_id)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
-    env.update({k: str(v) for k, v in folders.items()}, PATH=f"{BIN}{os.pathsep}{env['PATH']}", OMP_NUM_THREADS="1",
-               nnUNet_def_n_proc="1", nnUNet_compile="f")
-    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", *map(str, DATASETS), "-c", "3d_fullres", "-np", "1"],
-                   env=env, check=True, capture_output=True, timeout=900)
-    return env
+    return preprocessed_tiny_datasets(tmp_path_factory.mktemp("nnunet"), DATASETS)
 
 
 def sweep_command(output: Path) -> list[str]:
@@ -157,6 +147,24 @@ def summary_file(fold: Path) -> Path:
     return fold / "validation" / "summary.json"
 
 
+@pytest.mark.e2e
+def test_stop_signals_end_the_trainings_and_their_workers(nnunet, tmp_path):
+    """SIGTERM, SIGHUP or SIGINT to the sweep alone (`kill`, a closed terminal, a scheduler) cancels its job:
+    nnUNetv2_train and its augmentation workers end before the sweep does. A sweep per signal, side by side."""
+    folds = dict(zip(STOP_SIGNALS, "234"))
+
+    def command(output: Path) -> list[str]:
+        return [str(BIN / "nnunet-segmamba"), "sweep", "-d", "901", "-tr", "nnUNetTrainer", "-f",
+                folds[signal.Signals[output.name]], "--epochs", "100", "--iterations", "50", "-device", "cpu", "-o",
+                str(output)]
+
+    with one_per_stop_signal(tmp_path, command, nnunet) as sweeps:
+        for signum, (output, process) in sweeps.items():
+            wait_for(lambda: [p for p, command in mentioning(str(output)).items() if "nnUNetv2_train" in command][2:],
+                     600, "nnUNetv2_train and at least two augmentation workers")
+            assert "] cancel " in stop_with(signum, process, output)
+
+
 def fake_job(root: Path, code: str, name: str = "fold_0") -> FoldJob:
     """A fold's job whose 'nnUNetv2_train' is `python -c code ARGS`."""
     return FoldJob(name, [sys.executable, "-c", code, "train"], str(root / name), str(root / f"{name}.log"), {})
@@ -173,6 +181,9 @@ def test_job_continues_a_checkpoint_skips_a_finished_fold_and_refuses_a_busy_one
     (tmp_path / "fold_0" / "validation").mkdir()
     (tmp_path / "fold_0" / "validation" / "summary.json").write_text("{}")
     assert job().action == "skipped"
+    requeued = job.checkpoint().function  # what Slurm runs after the time limit: finished by the job's earlier run
+    assert (requeued.requeues, requeued().action) == (1, "resumed")
+    assert "stopped by Slurm (time limit or preemption) and requeued" in (tmp_path / "fold_0.log").read_text()
     with open(tmp_path / "fold_0" / LOCK, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("pid 123 on elsewhere")
@@ -195,22 +206,42 @@ def test_training_holds_the_fold_lock_while_it_runs(tmp_path):
     assert lock_holder(tmp_path / "fold_0") is None
 
 
+def test_what_the_job_runs_while_training_survives_the_requeues_sigterm(tmp_path):
+    """On Slurm's time-limit signal submitit runs `scontrol requeue` from the job's process while nnUNetv2_train
+    trains; the requeue sends SIGTERM to all the job's processes, which must not kill scontrol before it returns."""
+    started_meanwhile = []
+
+    def time_limit(signum, frame):  # as submitit's handler: a command run from the job's process
+        started_meanwhile.append(subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal("
+                                                 "signal.SIGTERM) == signal.SIG_IGN)"], capture_output=True,
+                                                text=True).stdout.strip())
+
+    previous = signal.signal(signal.SIGUSR2, time_limit)
+    try:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+        assert fake_job(tmp_path, "import time; time.sleep(3)")().status == "trained"
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert started_meanwhile == ["True"]  # SIGTERM ignored
+
+
 CANCELLED_SWEEP = textwrap.dedent("""
     import sys
     from pathlib import Path
     import submitit
     from nnunet_segmamba.tools import sweep_runner
+    from nnunet_segmamba.tools.processes import stop_signals_interrupt
     from nnunet_segmamba.tools.sweep_jobs import FoldJob
     root = Path(sys.argv[1])
     jobs = [FoldJob(f"fold {i}", [sys.executable, "-c", "import time; time.sleep(300)"], str(root / f"fold_{i}"),
                           str(root / f"{i}.log"), {}) for i in range(3)]
     executor = submitit.AutoExecutor(folder=root / "submitit", cluster="local")
     executor.update_parameters(timeout_min=60)
-    sweep_runner.interrupt_on_termination()
-    try:
-        sweep_runner.run_jobs(executor, jobs, 2, True, {"nnUNet_extTrainer": ""}, sweep_runner.Progress())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    with stop_signals_interrupt():
+        try:
+            sweep_runner.run_jobs(executor, jobs, 2, True, {"nnUNet_extTrainer": ""}, sweep_runner.Progress())
+        except KeyboardInterrupt:
+            sys.exit(130)
 """)
 
 
@@ -280,8 +311,9 @@ def test_local_jobs_share_the_cpus_for_augmentation_and_validation(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     for name in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
         monkeypatch.delenv(name, raising=False)
-    shares = {jobs: job_environment(argparse.Namespace(cluster="local", jobs=jobs), None) for jobs in (1, 4, 14)}
+    shares = {jobs: job_environment(argparse.Namespace(cluster="local", jobs=jobs), None, None)
+              for jobs in (1, 4, 14)}
     assert {jobs: (env["nnUNet_n_proc_DA"], env["nnUNet_def_n_proc"]) for jobs, env in shares.items()} == {
         1: ("16", "8"), 4: ("4", "4"), 14: ("1", "1")}
     monkeypatch.setenv("nnUNet_def_n_proc", "3")
-    assert job_environment(argparse.Namespace(cluster="local", jobs=14), None)["nnUNet_def_n_proc"] == "3"
+    assert job_environment(argparse.Namespace(cluster="local", jobs=14), None, None)["nnUNet_def_n_proc"] == "3"

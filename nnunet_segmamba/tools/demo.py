@@ -14,13 +14,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from nnunet_segmamba.tools.processes import end_tree
 
 MARKER = ".nnunet_segmamba_demo"
 PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
@@ -106,7 +107,7 @@ def run_steps(steps: dict[str, list[str]], workspace: Workspace, env: dict[str, 
     try:
         for name, command in steps.items():
             processes[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                               env=env, start_new_session=True)
+                                               env=env)
             readers.append(threading.Thread(target=follow, args=(name, processes[name], workspace.logs /
                                                                  f"{name}.log"), daemon=True))
             readers[-1].start()
@@ -118,9 +119,7 @@ def run_steps(steps: dict[str, list[str]], workspace: Workspace, env: dict[str, 
                     raise StepFailed(failed[0])
     except BaseException as error:
         for process in processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait()
+            end_tree(process)  # with nnU-Net's workers
         for reader in readers:
             reader.join()
         if not isinstance(error, StepFailed):
