@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from nnunet_segmamba.tools.environment import ext_trainer_folders
+from nnunet_segmamba.tools.processes import end_tree, stop_signals_interrupt
 
 TASKS = {  # dataset id: (name, preset, overrides, what it stresses)
     981: ("Lateral", "iso", {"shape": (40, 48, 48)}, "left/right pair told apart by position, tube, speck"),
@@ -68,8 +69,15 @@ def grid_folds(root: Path, args: argparse.Namespace) -> list[Path]:
 
 
 def run(command: list[str], env: dict[str, str]) -> None:
+    """Run a command to its end; if we are stopped first, it ends too, with its workers."""
     print(f"\n>> {' '.join(command)}", flush=True)
-    subprocess.run(command, env=env, check=True)
+    process = subprocess.Popen(command, env=env)
+    try:
+        if process.wait():
+            raise subprocess.CalledProcessError(process.returncode, command)
+    finally:
+        if process.poll() is None:
+            end_tree(process)
 
 
 def prepare(folders: dict[str, Path], tasks: list[int], cases: int, env: dict[str, str]) -> None:
@@ -144,8 +152,7 @@ def train(folders: dict[str, Path], args: argparse.Namespace, minutes: float | N
                 packed = new
     finally:
         if process.poll() is None:  # stopped ourselves: the sweep cancels its trainings on SIGTERM
-            process.terminate()
-            process.wait()
+            end_tree(process)
     return returncode
 
 
@@ -296,12 +303,13 @@ def main() -> int:
         command.add_argument("-tr", "--trainers", nargs="+", default=TRAINERS, help="default: all seven")
     args = parser.parse_args()
     args.trainers = [BASELINE, *(t for t in args.trainers if t != BASELINE)]
-    if args.command == "run":
-        return run_increment(args)
-    if args.command == "merge":
-        return merge(args)
-    print_table(args.results, args)
-    return 0
+    with stop_signals_interrupt():  # SIGTERM and SIGHUP as Ctrl-C: the sweep and its trainings end with us
+        if args.command == "run":
+            return run_increment(args)
+        if args.command == "merge":
+            return merge(args)
+        print_table(args.results, args)
+        return 0
 
 
 if __name__ == "__main__":
