@@ -145,6 +145,14 @@ def test_compile_table_shows_errors_and_graph_breaks():
     assert table[4] == "graph breaks of A: Data-dependent branching"
 
 
+def test_compile_table_names_the_scan_a_backends_row_was_compiled_on():
+    compiled = {"step_ms": 20.0, "compile_s": 12.0, "peak_gib": 1.5, "graph_breaks": 0, "graph_break_reasons": [],
+                "backend": "triton"}
+    rows = [Result(name, 1, 1, 30.0, None, 1, None, "n", compiled=compiled) for name in ("Net [cuda]", "Plain")]
+    assert [line.split()[:2] for line in format_compiled(rows).splitlines()[2:]] == [["Net", "[triton]"],
+                                                                                     ["Plain", "20.0"]]
+
+
 def test_profile_and_compile_on_cpu(tmp_path, capsys):
     output = tmp_path / "result.json"
     plans = tiny_plans_file(tmp_path, patch=16, features=(4, 8))  # two stages: a short compilation

@@ -38,8 +38,20 @@ def test_layer_table_times_the_compiled_layer_of_each_backend_asked_for(capsys, 
     from nnunet_segmamba.tools.scan_benchmark import backend_comparison
 
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)  # no inductor here
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(options) or module)  # no inductor
     rows = backend_comparison(["torch"], [3], batch=1, warmup=0, repeats=1, dtypes=("fp32",), compile=True,
                               device=torch.device("cpu"), stages=[(8, (2, 2, 3))])
-    assert len(compiled) == 1 and [r["compiled_ms"] > 0 for r in rows] == [True]
+    assert compiled == [{"dynamic": False}] and [r["compiled_ms"] > 0 for r in rows] == [True]
     assert "compiled ms" in capsys.readouterr().out
+
+
+def test_layer_table_reports_a_layer_that_fails_to_compile_and_goes_on(capsys, monkeypatch):
+    from nnunet_segmamba.tools.scan_benchmark import backend_comparison
+
+    def failing(*args):
+        raise RuntimeError("inductor")
+    monkeypatch.setattr(torch, "compile", lambda module, **options: failing)
+    rows = backend_comparison(["torch"], [1, 3], batch=1, warmup=0, repeats=1, dtypes=("fp32",), compile=True,
+                              device=torch.device("cpu"), stages=[(8, (2, 2, 3))])
+    assert [r["compiled_ms"] for r in rows] == ["error: RuntimeError"] * 2 and all(r["ms"] > 0 for r in rows)
+    assert capsys.readouterr().out.count("error: RuntimeError") == 2

@@ -88,13 +88,13 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 def layer_step(layer, x, grid, dtype):
     """One forward + backward of `layer` on a fresh leaf copy of `x` under autocast `dtype` (fp32: none):
-    (output, input gradient)."""
+    (output, input gradient). The loss is a sum, not a mean: a mean's fp16 gradients would underflow."""
     import torch
 
     leaf = x.clone().requires_grad_()
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         out = layer(leaf, grid)
-    out.float().square().mean().backward()
+    out.float().square().sum().backward()
     return out.detach(), leaf.grad
 
 
@@ -128,7 +128,8 @@ def backend_comparison(backends: list[str], orders_per_layer: list[int], batch: 
             for backend in backends:
                 layers[backend] = copy.deepcopy(layers["torch"])
                 layers[backend].backend = backend
-            compiled = {b: torch.compile(layers[b]) for b in backends} if compile else {}
+            torch._dynamo.reset()  # each stage's layers compiled afresh, for their static shapes
+            compiled = {b: torch.compile(layers[b], dynamic=False) for b in backends} if compile else {}
             x = torch.randn(batch, grid[0] * grid[1] * grid[2], d_model, device=device)
             for dtype_name in dtypes:
                 dtype = getattr(torch, DTYPES[dtype_name])
@@ -138,8 +139,8 @@ def backend_comparison(backends: list[str], orders_per_layer: list[int], batch: 
                     out, dx = layer_step(layer, x, grid, dtype)
                     dw = {n: p.grad.clone() for n, p in layer.named_parameters()}
                     ms = _median_ms(lambda: layer_step(layer, x, grid, dtype), device, warmup, repeats)
-                    compiled_ms = (_median_ms(lambda: layer_step(compiled[backend], x, grid, dtype), device,
-                                              warmup + 1, repeats) if backend in compiled else None)
+                    compiled_ms = (_compiled_ms(lambda: layer_step(compiled[backend], x, grid, dtype), device,
+                                                warmup, repeats) if backend in compiled else None)
                     measured[backend] = (out, dx, dw, ms, compiled_ms)
                 out_t, dx_t, dw_t = measured["torch"][:3]
                 cuda = measured.get("cuda")
@@ -153,14 +154,22 @@ def backend_comparison(backends: list[str], orders_per_layer: list[int], batch: 
                             f"{row['err_out']:8.1e} {row['err_dx']:8.1e} {row['err_dw']:10.1e} | {ms:8.2f} "
                             f"{_ratio(ms, cuda and cuda[3])}")
                     if compile:
-                        line += (f" | {compiled_ms:11.2f} {_ratio(compiled_ms, cuda and cuda[4])}" if compiled_ms
-                                 else f" | {'-':>11} {'-':>6}")
+                        line += (f" | {compiled_ms:11.2f} {_ratio(compiled_ms, cuda and cuda[4])}"
+                                 if isinstance(compiled_ms, float) else f" | {compiled_ms or '-':>11} {'-':>6}")
                     print(line, flush=True)
     return rows
 
 
-def _ratio(ms: float, cuda_ms: float | None) -> str:
-    return f"{ms / cuda_ms:5.2f}x" if cuda_ms else f"{'-':>6}"
+def _compiled_ms(step, device, warmup: int, repeats: int) -> float | str:
+    """Median ms of a compiled `step` (its first call compiles), or the name of the error compiling it raised."""
+    try:
+        return _median_ms(step, device, warmup + 1, repeats)
+    except Exception as error:  # dynamo's and inductor's errors are many; the row says which
+        return f"error: {type(error).__name__}"
+
+
+def _ratio(ms: float, cuda_ms: float | str | None) -> str:
+    return f"{ms / cuda_ms:5.2f}x" if isinstance(cuda_ms, float) else f"{'-':>6}"
 
 
 def scan_bytes(batch: int, dim: int, groups: int, d_state: int, length: int, element_size: int) -> int:
