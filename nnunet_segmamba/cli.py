@@ -9,6 +9,7 @@ import sys
 
 from nnunet_segmamba.tools.environment import EXT_TRAINER_ENV, ext_trainer_folders
 from nnunet_segmamba.tools.errors import INTERRUPTED, report
+from nnunet_segmamba.tools.processes import stop_signals_interrupt
 
 TOOLS = {
     "demo": ("demo", "the whole product on generated data, in a workspace of its own (the main job)"),
@@ -34,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tool != "doctor":  # doctor reports the user's own setting
         # nnU-Net's trainer lookups in this process find our trainers whatever the user's shell has
         os.environ[EXT_TRAINER_ENV] = ext_trainer_folders()
-    try:
-        return modules[args.tool].main(args)
-    except KeyboardInterrupt:
-        return report(args.tool, "interrupted", INTERRUPTED)
+    with stop_signals_interrupt():  # SIGTERM and SIGHUP stop a tool as Ctrl-C does: its children end with it
+        try:
+            return modules[args.tool].main(args)
+        except KeyboardInterrupt:
+            return report(args.tool, "interrupted", INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -253,3 +253,33 @@ def test_rows_appear_as_measured_and_an_interruption_keeps_them(tmp_path, capsys
     rows = [line for line in out.splitlines() if line.startswith("nnUNetTrainer")]
     assert len(rows) == 1 and rows[0].split()[4] == "1.00"  # the step's ratio to itself
     assert [r["trainer"] for r in json.loads(output.read_text())["results"]] == ["nnUNetTrainer"]
+
+
+def test_backends_give_each_mamba_network_a_row_per_scan_and_compile_it_once(tmp_path, capsys, monkeypatch):
+    """--backends cuda triton: SegMamba-V2 is timed eager on each scan, side by side, and compiled once; networks
+    without Mamba layers (PlainConvUNet, an ablation) get one row. Timing is replaced by a recorder here."""
+    from nnunet_segmamba import tools
+    from nnunet_segmamba.mamba import Mamba
+    from nnunet_segmamba.tools.environment import trainers_folder
+
+    calls = []
+
+    def record(label, network, *args, compiled=False, **kwargs):
+        calls.append((label, {m.backend for m in network.modules() if isinstance(m, Mamba)}, compiled))
+        return Result(label, 1.0, 1.0, 10.0, None, 1.0, None, "net",
+                      compiled={"step_ms": 5.0, "compile_s": 1.0, "peak_gib": None, "graph_breaks": 0} if compiled
+                      else None)
+
+    monkeypatch.setattr(tools.benchmark, "benchmark_network", record)
+    monkeypatch.setenv("nnUNet_extTrainer", trainers_folder())
+    code = main(["benchmark", "--plans-file", str(tiny_plans_file(tmp_path)), "-tr", "nnUNetTrainer",
+                 "nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMambaV2NoMamba", "--device", "cpu", "--backends", "cuda",
+                 "triton", "--compile"])
+    assert code == 0
+    assert calls == [("nnUNetTrainer", set(), True), ("nnUNetTrainerSegMambaV2 [cuda]", {"cuda"}, True),
+                     ("nnUNetTrainerSegMambaV2 [triton]", {"triton"}, False),
+                     ("nnUNetTrainerSegMambaV2NoMamba", set(), True)]
+    out = capsys.readouterr().out
+    compiled_rows = out[out.index("trainer (torch.compile)"):].splitlines()[2:5]
+    assert [row.split()[0] for row in compiled_rows] == ["nnUNetTrainer", "nnUNetTrainerSegMambaV2",
+                                                        "nnUNetTrainerSegMambaV2NoMamba"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nnunet_segmamba.cli import main
+from tests.processes import mentioning, one_per_stop_signal, running, stop_with, wait_for
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -53,6 +54,25 @@ def test_demo_trains_predicts_evaluates_and_reports(tmp_path):
                               env={**os.environ, "nnUNet_results": str(workspace / "nnUNet_results")})
     assert compared.returncode == 0, compared.stdout + compared.stderr
     assert "nnUNetTrainerSegMambaV2_demo" in compared.stdout and (tmp_path / "compare" / "compare.md").is_file()
+
+
+def test_stop_signals_end_the_demo_and_its_training(tmp_path):
+    """SIGTERM (`kill`, `timeout`, a scheduler), SIGHUP (a closed terminal) or SIGINT to the demo alone while
+    nnUNetv2_train trains: the training ends before the demo does. A demo per signal, side by side."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+
+    def command(workspace: Path) -> list[str]:
+        return [str(BIN / "nnunet-segmamba"), "demo", "--workspace", str(workspace), "-tr", "nnUNetTrainer",
+                "--epochs", "100", "--device", "cpu"]
+
+    with one_per_stop_signal(tmp_path, command, {**clean, "OMP_NUM_THREADS": "1"}) as demos:
+        for signum, (workspace, process) in demos.items():
+            logs = workspace / "nnUNet_results" / "Dataset990_Demo"  # nnU-Net's own training log
+            training = wait_for(lambda: any("Epoch 0" in log.read_text() for log in logs.glob("*/fold_0/training_log*"))
+                                and [pid for pid, command in mentioning(str(workspace)).items()
+                                     if "nnUNetv2_train" in command], 600, "the demo's training")
+            assert "interrupted: the demo stopped" in stop_with(signum, process, workspace)
+            assert not set(training) & set(running())
 
 
 def test_demo_refuses_a_folder_it_did_not_create(tmp_path, capsys):

@@ -21,3 +21,37 @@ def test_bandwidth_table_runs_on_any_device(capsys):
     assert all(r["ms"] > 0 and r["gbs"] > 0 for r in rows)
     print_bandwidth(rows, None, "test")
     assert "2x2x3" in capsys.readouterr().out
+
+
+def test_layer_table_compares_every_backend_and_dtype_against_torch(capsys):
+    from nnunet_segmamba.tools.scan_benchmark import backend_comparison
+
+    rows = backend_comparison([], [1, 3], batch=1, warmup=0, repeats=1, dtypes=("fp32", "bf16"),
+                              device=torch.device("cpu"), stages=[(8, (2, 2, 3))])
+    assert [(r["orders"], r["dtype"]) for r in rows] == [(1, "fp32"), (1, "bf16"), (3, "fp32"), (3, "bf16")]
+    assert all(r["err_out"] == r["err_dx"] == r["err_dw"] == 0 and r["ms"] > 0 for r in rows)  # torch vs itself
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 + len(rows) and lines[3].split()[:5] == ["8", "2x2x3", "1", "fp32", "torch"]
+
+
+def test_layer_table_times_the_compiled_layer_of_each_backend_asked_for(capsys, monkeypatch):
+    from nnunet_segmamba.tools.scan_benchmark import backend_comparison
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(options) or module)  # no inductor
+    rows = backend_comparison(["torch"], [3], batch=1, warmup=0, repeats=1, dtypes=("fp32",), compile=True,
+                              device=torch.device("cpu"), stages=[(8, (2, 2, 3))])
+    assert compiled == [{"dynamic": False}] and [r["compiled_ms"] > 0 for r in rows] == [True]
+    assert "compiled ms" in capsys.readouterr().out
+
+
+def test_layer_table_reports_a_layer_that_fails_to_compile_and_goes_on(capsys, monkeypatch):
+    from nnunet_segmamba.tools.scan_benchmark import backend_comparison
+
+    def failing(*args):
+        raise RuntimeError("inductor")
+    monkeypatch.setattr(torch, "compile", lambda module, **options: failing)
+    rows = backend_comparison(["torch"], [1, 3], batch=1, warmup=0, repeats=1, dtypes=("fp32",), compile=True,
+                              device=torch.device("cpu"), stages=[(8, (2, 2, 3))])
+    assert [r["compiled_ms"] for r in rows] == ["error: RuntimeError"] * 2 and all(r["ms"] > 0 for r in rows)
+    assert capsys.readouterr().out.count("error: RuntimeError") == 2

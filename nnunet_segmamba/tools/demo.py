@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from nnunet_segmamba.tools.errors import FAILURE, report
+from nnunet_segmamba.tools.processes import end_tree
 
 MARKER = ".nnunet_segmamba_demo"
 PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer")
@@ -114,7 +114,7 @@ def run_steps(steps: dict[str, list[str]], workspace: Workspace, env: dict[str, 
     try:
         for name, command in steps.items():
             processes[name] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                               env=env, start_new_session=True)
+                                               env=env)
             readers.append(threading.Thread(target=follow, args=(name, processes[name], workspace.logs /
                                                                  f"{name}.log"), daemon=True))
             readers[-1].start()
@@ -126,9 +126,7 @@ def run_steps(steps: dict[str, list[str]], workspace: Workspace, env: dict[str, 
                     raise StepFailed(failed[0])
     except BaseException as error:
         for process in processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait()
+            end_tree(process)  # with nnU-Net's workers
         for reader in readers:
             reader.join()
         if not isinstance(error, StepFailed):

@@ -4,8 +4,9 @@
   the scan alone), e.g. L = 4096 tokens of a d_model = 64 layer (128 channels, N = 16).
 - default: a Mamba layer forward + backward with each available backend at the token counts of a
   128^3 plan's Mamba stages; relative errors of the output and of the input and parameter gradients
-  of every backend against ``torch`` in fp32 (and under bf16 autocast), and median times. Then the scan
-  alone per GPU backend: time and achieved memory bandwidth against the GPU's.
+  of every backend against ``torch`` under each ``--dtypes`` autocast, median times eager and (``--compile``)
+  compiled, each against mamba-ssm's ``cuda`` kernel. Then the scan alone per GPU backend: time and achieved
+  memory bandwidth against the GPU's.
 """
 
 from __future__ import annotations
@@ -83,54 +84,94 @@ def gpu_scans(device) -> dict:
     return scans
 
 
-def backend_comparison(backends: list[str], orders_per_layer: list[int], batch: int, warmup: int,
-                       repeats: int) -> None:
-    """Each GPU backend's Mamba layer (mamba-ssm's `cuda`, our `triton`) against the torch backend, same
-    weights and inputs: relative errors of output, input gradient and weight gradients; median times."""
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+"""--dtypes: autocast dtype names (fp32: no autocast) -> torch dtype attribute names."""
+
+
+def layer_step(layer, x, grid, dtype):
+    """One forward + backward of `layer` on a fresh leaf copy of `x` under autocast `dtype` (fp32: none):
+    (output, input gradient). The loss is a sum, not a mean: a mean's fp16 gradients would underflow."""
+    import torch
+
+    leaf = x.clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = layer(leaf, grid)
+    out.float().square().sum().backward()
+    return out.detach(), leaf.grad
+
+
+def backend_comparison(backends: list[str], orders_per_layer: list[int], batch: int, warmup: int, repeats: int,
+                       dtypes: tuple[str, ...] = ("fp32", "bf16"), compile: bool = False, device=None,
+                       stages=STAGES) -> list[dict]:
+    """Each backend's Mamba layer (mamba-ssm's `cuda`, our `triton`) against the torch backend, same weights and
+    inputs, at each stage of `stages` and autocast dtype of `dtypes`: relative errors of output, input gradient and
+    weight gradients, median forward + backward ms, eager and (`compile`) under torch.compile, and each time's ratio
+    to the `cuda` backend's. Prints each row as measured; returns the rows."""
     import torch
 
     from nnunet_segmamba.mamba import Mamba, plane_orders, raster_order
 
-    device = torch.device("cuda")
+    device = device or torch.device("cuda")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-    print(f"Mamba layer forward + backward, batch {batch}, {torch.cuda.get_device_name(device)}; errors relative "
-          f"to the torch backend, speed-up = torch ms / backend ms")
-    header = f"{'d_model':>7} {'tokens':>8} {'orders':>6} {'dtype':>8} {'backend':>7} | " \
-             f"{'err out':>8} {'err dx':>8} {'err dW max':>10} | {'ms':>8} {'speed-up':>8}"
-    print(header + "\n" + "-" * len(header))
-    for d_model, grid in STAGES:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"Mamba layer forward + backward, batch {batch}, {name}; errors relative to the torch backend; "
+          f"x cuda = ms / the cuda backend's ms{'; compiled: torch.compile of the layer' if compile else ''}")
+    header = (f"{'d_model':>7} {'tokens':>8} {'orders':>6} {'dtype':>5} {'backend':>7} | "
+              f"{'err out':>8} {'err dx':>8} {'err dW max':>10} | {'ms':>8} {'x cuda':>6}")
+    header += f" | {'compiled ms':>11} {'x cuda':>6}" if compile else ""
+    print(header + "\n" + "-" * len(header), flush=True)
+    rows = []
+    for d_model, grid in stages:
         for n_orders in orders_per_layer:
             orders = plane_orders(3) if n_orders == 3 else (raster_order(3),)
             torch.manual_seed(0)
             layers = {"torch": Mamba(d_model, orders=orders, backend="torch").to(device)}
-            for name in backends:
-                layers[name] = copy.deepcopy(layers["torch"])
-                layers[name].backend = name
+            for backend in backends:
+                layers[backend] = copy.deepcopy(layers["torch"])
+                layers[backend].backend = backend
+            torch._dynamo.reset()  # each stage's layers compiled afresh, for their static shapes
+            compiled = {b: torch.compile(layers[b], dynamic=False) for b in backends} if compile else {}
             x = torch.randn(batch, grid[0] * grid[1] * grid[2], d_model, device=device)
-            for dtype in (torch.float32, torch.bfloat16):
-                outputs, times = {}, {}
-                for name, layer in layers.items():
+            for dtype_name in dtypes:
+                dtype = getattr(torch, DTYPES[dtype_name])
+                measured = {}
+                for backend, layer in layers.items():
                     layer.zero_grad(set_to_none=True)
-                    leaf = x.clone().requires_grad_()
+                    out, dx = layer_step(layer, x, grid, dtype)
+                    dw = {n: p.grad.clone() for n, p in layer.named_parameters()}
+                    ms = _median_ms(lambda: layer_step(layer, x, grid, dtype), device, warmup, repeats)
+                    compiled_ms = (_compiled_ms(lambda: layer_step(compiled[backend], x, grid, dtype), device,
+                                                warmup, repeats) if backend in compiled else None)
+                    measured[backend] = (out, dx, dw, ms, compiled_ms)
+                out_t, dx_t, dw_t = measured["torch"][:3]
+                cuda = measured.get("cuda")
+                for backend, (out, dx, dw, ms, compiled_ms) in measured.items():
+                    row = {"d_model": d_model, "grid": grid, "orders": n_orders, "dtype": dtype_name,
+                           "backend": backend, "err_out": _relative(out, out_t), "err_dx": _relative(dx, dx_t),
+                           "err_dw": max(_relative(dw[n], dw_t[n]) for n in dw_t), "ms": ms,
+                           "compiled_ms": compiled_ms}
+                    rows.append(row)
+                    line = (f"{d_model:>7} {'x'.join(map(str, grid)):>8} {n_orders:>6} {dtype_name:>5} {backend:>7} | "
+                            f"{row['err_out']:8.1e} {row['err_dx']:8.1e} {row['err_dw']:10.1e} | {ms:8.2f} "
+                            f"{_ratio(ms, cuda and cuda[3])}")
+                    if compile:
+                        line += (f" | {compiled_ms:11.2f} {_ratio(compiled_ms, cuda and cuda[4])}"
+                                 if isinstance(compiled_ms, float) else f" | {compiled_ms or '-':>11} {'-':>6}")
+                    print(line, flush=True)
+    return rows
 
-                    def step():
-                        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-                            out = layer(leaf, grid)
-                        out.float().square().mean().backward()
-                        return out
-                    out = step()
-                    outputs[name] = (out.detach(), leaf.grad.detach(),
-                                     {n: p.grad.detach() for n, p in layer.named_parameters()})
-                    leaf.grad = None
-                    times[name] = _median_ms(step, device, warmup, repeats)
-                out_t, dx_t, dw_t = outputs["torch"]
-                for name in ["torch", *backends]:
-                    out_b, dx_b, dw_b = outputs[name]
-                    dw = max(_relative(dw_b[n], dw_t[n]) for n in dw_t)
-                    print(f"{d_model:>7} {'x'.join(map(str, grid)):>8} {n_orders:>6} {str(dtype)[6:]:>8} {name:>7} | "
-                          f"{_relative(out_b, out_t):8.1e} {_relative(dx_b, dx_t):8.1e} {dw:10.1e} | "
-                          f"{times[name]:8.2f} {times['torch'] / times[name]:7.1f}x")
+
+def _compiled_ms(step, device, warmup: int, repeats: int) -> float | str:
+    """Median ms of a compiled `step` (its first call compiles), or the name of the error compiling it raised."""
+    try:
+        return _median_ms(step, device, warmup + 1, repeats)
+    except Exception as error:  # dynamo's and inductor's errors are many; the row says which
+        return f"error: {type(error).__name__}"
+
+
+def _ratio(ms: float, cuda_ms: float | str | None) -> str:
+    return f"{ms / cuda_ms:5.2f}x" if isinstance(cuda_ms, float) else f"{'-':>6}"
 
 
 def scan_bytes(batch: int, dim: int, groups: int, d_state: int, length: int, element_size: int) -> int:
@@ -219,6 +260,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, default=128, help="channels for --reference (d_inner; default 128)")
     parser.add_argument("--batch", type=int, default=2, help="batch size for the backend comparison")
     parser.add_argument("--orders", type=int, nargs="+", default=[1, 3], choices=(1, 3))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES),
+                        help="autocast dtypes of the layer comparison (fp32: none; default fp32 bf16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each GPU backend's layer under torch.compile")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
 
@@ -233,7 +278,8 @@ def main(args: argparse.Namespace) -> int:
         return report("benchmark-scan", "the backend comparison needs a CUDA GPU; on the CPU use --reference", USAGE)
     device = torch.device("cuda", torch.cuda.current_device())
     kernels = gpu_scans(device)
-    backend_comparison(list(kernels), args.orders, args.batch, args.warmup, args.repeats)
+    backend_comparison(list(kernels), args.orders, args.batch, args.warmup, args.repeats, tuple(args.dtypes),
+                       args.compile)
     rows = scan_bandwidth(kernels, device, args.batch, args.warmup, args.repeats)
     print_bandwidth(rows, peak_bandwidth_gbs(device), f"Selective scan alone (tri-orientated layer's channels), "
                     f"forward + backward, batch {args.batch}, {torch.cuda.get_device_name(device)}")

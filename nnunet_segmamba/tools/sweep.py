@@ -1,9 +1,11 @@
 """`nnunet-segmamba sweep`: train trainers x datasets x folds with nnU-Net's stock command, then compare them.
 
 Each fold is one `nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS` job run by submitit, on this
-machine (at most --jobs at once, sharing the CPUs for data augmentation) or on Slurm. --epochs/--iterations train
-fixed-budget variants `<trainer>_e{E}i{I}`. A re-run skips finished folds and continues interrupted ones (--c);
-at the end `nnunet-segmamba compare` gives paired statistics across the folds.
+machine (at most --jobs at once, sharing the CPUs for data augmentation) or on Slurm, folds outermost.
+--epochs/--iterations train fixed-budget variants `<trainer>_e{E}i{I}`; --keep results deletes each fold's
+checkpoints once it is validated; --time-limit stops starting folds that would not finish in time. A re-run skips
+finished folds (validated, kept whole or as results) and continues interrupted ones (--c); at the end
+`nnunet-segmamba compare` gives paired statistics across the folds.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nnunet_segmamba.tools import sweep_slurm
 from nnunet_segmamba.tools.environment import ext_trainer_folders
 from nnunet_segmamba.tools.errors import FAILURE, USAGE, report
 from nnunet_segmamba.tools.sweep_jobs import FoldJob, JobResult, fold_state
-from nnunet_segmamba.tools.sweep_runner import Progress, interrupt_on_termination, run_jobs
+from nnunet_segmamba.tools.sweep_runner import Progress, SubmissionFailed, run_jobs
 
 if TYPE_CHECKING:
     import submitit
@@ -49,6 +52,8 @@ class Grid:
     budget: dict[str, int]
     device: str
     output: Path
+    slurm: sweep_slurm.SlurmRequest | None
+    """What each job asks Slurm for (None: the jobs run on this machine)."""
 
 
 def budget_of(args: argparse.Namespace) -> tuple[str, dict[str, int]]:
@@ -151,8 +156,12 @@ def check_arguments(args: argparse.Namespace) -> Grid:
     device = args.device or default_device(args.cluster)
     if device == "cuda" and args.cluster == "local" and default_device("local") != "cuda":
         raise SweepError("-device cuda: no CUDA GPU here; use -device cpu or run on a GPU machine")
+    try:
+        slurm = sweep_slurm.request(args, device) if args.cluster == "slurm" else None
+    except ValueError as error:
+        raise SweepError(str(error)) from None
     return Grid(datasets, {f"{name}{suffix}": cls for name, cls in given.items()}, list(dict.fromkeys(args.plans)),
-                list(dict.fromkeys(args.configurations)), folds, f"{baseline}{suffix}", budget, device, output)
+                list(dict.fromkeys(args.configurations)), folds, f"{baseline}{suffix}", budget, device, output, slurm)
 
 
 def case_identifiers(base: Path, plans: str, configuration: str) -> list[str]:
@@ -164,16 +173,16 @@ def case_identifiers(base: Path, plans: str, configuration: str) -> list[str]:
     return sorted(infer_dataset_class(data).get_identifiers(data))
 
 
-def write_missing_splits(grid: Grid) -> None:
-    """nnU-Net's default 5-fold split, written atomically where it is missing: concurrent first trainings of a
-    dataset would each write it while another reads it."""
+def write_missing_splits(datasets: list[str], plans: str, configuration: str) -> None:
+    """nnU-Net's default 5-fold split of the preprocessed cases, written atomically where a dataset has no
+    splits_final.json: concurrent first trainings of a dataset would each write it while another reads it."""
     from batchgenerators.utilities.file_and_folder_operations import save_json
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    for dataset in grid.datasets:
+    for dataset in datasets:
         base = Path(os.environ["nnUNet_preprocessed"]) / dataset
         if not (base / "splits_final.json").is_file():
-            identifiers = case_identifiers(base, grid.plans[0], grid.configurations[0])
+            identifiers = case_identifiers(base, plans, configuration)
             partial = base / f".splits_final.json.{os.getpid()}"
             save_json(generate_crossval_split(identifiers, seed=12345, n_splits=NNUNET_FOLDS), str(partial))
             os.replace(partial, base / "splits_final.json")
@@ -186,7 +195,7 @@ def prepare(grid: Grid) -> Path | None:
     grid.output.mkdir(parents=True, exist_ok=True)
     (grid.output / MARKER).write_text("created by nnunet-segmamba sweep; its logs, trainer variants, jobs, "
                                       "comparison\n")
-    write_missing_splits(grid)
+    write_missing_splits(grid.datasets, grid.plans[0], grid.configurations[0])
     if not grid.budget:
         return None
     folder = grid.output / "trainers"
@@ -195,53 +204,66 @@ def prepare(grid: Grid) -> Path | None:
     return folder
 
 
-def job_environment(args: argparse.Namespace, variants: Path | None) -> dict[str, str | None]:
-    """What the jobs' environment changes: nnU-Net's folders and trainer hook, its augmentation workers, and
-    (locally) the GPUs submitit's local executor hides."""
+def job_environment(args: argparse.Namespace, grid: Grid, variants: Path | None) -> dict[str, str | None]:
+    """What the jobs' environment changes: nnU-Net's folders and trainer hook, its augmentation workers and its
+    validation's processes (following the CPUs each job has), and (locally) the GPUs submitit's local executor
+    hides."""
+    from nnunetv2.configuration import default_num_processes
+
     env = {name: os.path.abspath(os.environ[name]) for name in ("nnUNet_raw", "nnUNet_preprocessed",
                                                                 "nnUNet_results") if os.environ.get(name)}
     env.update(nnUNet_extTrainer=ext_trainer_folders(*([str(variants)] if variants else [])), PYTHONUNBUFFERED="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     if args.cluster == "local":
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["nnUNet_n_proc_DA"] = os.environ.get("nnUNet_n_proc_DA", str(max(1, cpus // args.jobs)))
-    elif args.slurm_cpus_per_job and "nnUNet_n_proc_DA" not in os.environ:
-        env["nnUNet_n_proc_DA"] = str(args.slurm_cpus_per_job)
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cpus = workers = max(1, available // args.jobs)
+    else:
+        cpus, workers = grid.slurm.cpus, grid.slurm.augmentation_workers
+    env["nnUNet_n_proc_DA"] = os.environ.get("nnUNet_n_proc_DA", str(workers))
+    # each fold's validation spawns this many processes (nnU-Net's default 8) to export and score its cases: 14
+    # folds at once on 16 CPUs spent as long validating as training with 8 (H100, 2026-12-07)
+    env["nnUNet_def_n_proc"] = os.environ.get("nnUNet_def_n_proc", str(min(default_num_processes, cpus)))
     return env
 
 
-def fold_jobs(grid: Grid, env: dict[str, str | None]) -> list[FoldJob]:
-    """Every fold of the grid, datasets outermost."""
+def fold_jobs(grid: Grid, env: dict[str, str | None], results_only: bool) -> list[FoldJob]:
+    """Every fold of the grid, folds outermost: a sweep cut short holds whole folds of every cell first."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     jobs = []
-    for dataset in grid.datasets:
-        for trainer in grid.trainers:
-            for plans in grid.plans:
-                for configuration in grid.configurations:
-                    model = f"{trainer}__{plans}__{configuration}"
-                    for fold in grid.folds:
+    for fold in grid.folds:
+        for dataset in grid.datasets:
+            for trainer in grid.trainers:
+                for plans in grid.plans:
+                    for configuration in grid.configurations:
+                        model = f"{trainer}__{plans}__{configuration}"
                         command = ["nnUNetv2_train", dataset, configuration, fold, "-tr", trainer, "-p", plans,
-                                   "-device", grid.device]
+                                   "-device", grid.device, *multi_gpu(grid)]
                         jobs.append(FoldJob(f"{dataset} {model} fold {fold}", command,
                                             get_output_folder(dataset, trainer, plans, configuration, int(fold)),
-                                            str(grid.output / "logs" / dataset / f"{model}_fold{fold}.log"), env))
+                                            str(grid.output / "logs" / dataset / f"{model}_fold{fold}.log"), env,
+                                            results_only))
     return jobs
 
 
-def make_executor(args: argparse.Namespace, grid: Grid) -> submitit.AutoExecutor:
-    """submitit's executor for --cluster: local processes, or Slurm jobs (one job array per submission)."""
+def multi_gpu(grid: Grid) -> list[str]:
+    """nnUNetv2_train's own multi-GPU training (DDP on one node) where each Slurm job has several GPUs."""
+    return ["-num_gpus", str(grid.slurm.gpus)] if grid.slurm and grid.slurm.gpus > 1 else []
+
+
+def make_executor(grid: Grid) -> submitit.AutoExecutor:
+    """submitit's executor: local processes, or Slurm jobs (one job array per submission) that are requeued after
+    their time limit at most max_requeues times."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=grid.output / "submitit", cluster=args.cluster)
-    if args.cluster == "local":
+    if grid.slurm is None:
+        executor = submitit.AutoExecutor(folder=grid.output / "submitit", cluster="local")
         executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
     else:
-        gpus = args.slurm_gpus_per_job if args.slurm_gpus_per_job is not None else int(grid.device == "cuda")
-        executor.update_parameters(name="nnunet-segmamba-sweep", timeout_min=args.slurm_time_min, gpus_per_node=gpus,
-                                   cpus_per_task=args.slurm_cpus_per_job, slurm_partition=args.slurm_partition,
-                                   slurm_array_parallelism=args.slurm_array_parallelism)
+        executor = submitit.AutoExecutor(folder=grid.output / "submitit", cluster="slurm",
+                                         slurm_max_num_timeout=grid.slurm.max_requeues)
+        executor.update_parameters(**grid.slurm.executor_parameters())
     return executor
 
 
@@ -283,12 +305,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "nnUNet_n_proc_DA = CPUs // jobs unless set (default: 1)")
     parser.add_argument("--cluster", choices=("local", "slurm"), default="local",
                         help="where submitit runs the jobs (default: local)")
+    parser.add_argument("--keep", choices=("all", "results"), default="all",
+                        help="what a trained fold keeps: all (nnU-Net's checkpoints and validation predictions "
+                        "too) or results (validation summary, logs, progress.png, debug.json; a few hundred kB): "
+                        "folds kept as results count as finished and `compare` reads them (default: all)")
+    parser.add_argument("--time-limit", type=_positive_minutes, metavar="MINUTES",
+                        help="start no fold that would not finish within MINUTES of the sweep's start (judged by "
+                        "the longest fold it has finished) and cancel the folds still running then; run the same "
+                        "command again to go on")
     slurm = parser.add_argument_group("Slurm (--cluster slurm)")
-    slurm.add_argument("--slurm-partition", help="partition")
-    slurm.add_argument("--slurm-time-min", type=positive, default=24 * 60, help="time limit per job in minutes; "
-                       "a timed-out job is requeued and continues with --c (default: %(default)s)")
-    slurm.add_argument("--slurm-gpus-per-job", type=int, help="default: 1 with -device cuda, else 0")
-    slurm.add_argument("--slurm-cpus-per-job", type=positive, help="CPUs per job (also nnUNet_n_proc_DA unless set)")
+    slurm.add_argument("--slurm-partition", help="partition (default: the cluster's default partition)")
+    slurm.add_argument("--slurm-time-min", type=positive, help="time limit per job in minutes; a job that reaches "
+                       "it is requeued and continues from nnU-Net's last checkpoint (--c) (default: 1440, or the "
+                       "partition's limit if lower)")
+    slurm.add_argument("--slurm-max-requeues", type=_count, default=10, help="times a fold's job is requeued after its "
+                       "time limit (default: %(default)s)")
+    slurm.add_argument("--slurm-gpus-per-job", type=_count, help="GPUs per fold; more than 1 trains with nnU-Net's "
+                       "multi-GPU (nnUNetv2_train -num_gpus) (default: 1 with -device cuda, else 0)")
+    slurm.add_argument("--slurm-cpus-per-job", type=positive, help=f"CPUs per fold; nnUNet_n_proc_DA (unless set) "
+                       f"= CPUs per GPU - 1 (default: {sweep_slurm.CPUS_PER_GPU} per GPU, "
+                       f"{sweep_slurm.CPUS_WITHOUT_GPU} without GPU)")
+    slurm.add_argument("--slurm-mem-gb", type=positive, help="memory per fold in GB (default: the partition's)")
     slurm.add_argument("--slurm-array-parallelism", type=positive,
                        help="jobs running at once (default: as many as the queue allows)")
 
@@ -299,13 +336,37 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _positive_minutes(text: str) -> float:
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, got {text!r}")
+    return minutes
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return int(text)
+
+
+def on_slurm(slurm: sweep_slurm.SlurmRequest) -> str:
+    gpus = f"{slurm.gpus} GPU{'s' * (slurm.gpus > 1)}, " if slurm.gpus else ""
+    return (f"on Slurm, partition {slurm.partition} ({gpus}{slurm.cpus} CPU{'s' * (slurm.cpus > 1)}, "
+            f"{slurm.time_min} min per job)")
+
+
 def summary(results: list[tuple[FoldJob, JobResult]], skipped: int, seconds: float) -> str:
     """Counts by outcome, and the failed folds with their logs."""
     counts = {status: sum(r.status == status for _, r in results) for status in ("trained", "resumed", "skipped",
-                                                                                 "failed")}
+                                                                                 "failed", "stopped", "not run")}
     counts["skipped"] += skipped
+    left = counts.pop("stopped") + counts.pop("not run")
     failed = "".join(f"\n  failed: {job.label}; log {job.log}" for job, r in results if r.status == "failed")
-    return f"Summary: {', '.join(f'{n} {status}' for status, n in counts.items())} in {seconds:.0f} s{failed}"
+    later = f"; {left} left by the time limit: run the same command again to go on" if left else ""
+    return f"Summary: {', '.join(f'{n} {status}' for status, n in counts.items())} in {seconds:.0f} s{later}{failed}"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -317,26 +378,30 @@ def main(args: argparse.Namespace) -> int:
         variants = prepare(grid)
     except OSError as error:  # the folder cannot be written after all (disk full, read-only)
         return report("sweep", str(error), FAILURE)
-    env, local = job_environment(args, variants), args.cluster == "local"
+    env, local = job_environment(args, grid, variants), grid.slurm is None
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # compare's trainer lookups find the variants too
-    jobs = fold_jobs(grid, env)
+    jobs = fold_jobs(grid, env, args.keep == "results")
     progress = Progress()
     print(f"nnunet-segmamba sweep: {len(jobs)} folds ({len(grid.datasets)} datasets x {len(grid.trainers)} trainers "
           f"x {len(grid.folds)} folds), device {grid.device}, "
-          f"{f'{args.jobs} at once on this machine' if local else 'on Slurm'}; folder {grid.output}", flush=True)
+          f"{f'{args.jobs} at once on this machine' if local else on_slurm(grid.slurm)}; folder {grid.output}",
+          flush=True)
     todo = []
     for job in jobs:
         if fold_state(Path(job.folder)) == "finished":
-            progress.line("skipped", job, "finished earlier (checkpoint_final.pth, validation/summary.json)")
+            progress.line("skipped", job, "finished earlier (validation/summary.json)")
         else:
             todo.append(job)
-    interrupt_on_termination()
+    deadline = progress.started + 60 * args.time_limit if args.time_limit else None
     try:
-        results = run_jobs(make_executor(args, grid), todo, args.jobs if local else len(todo), local, env, progress)
+        results = run_jobs(make_executor(grid), todo, args.jobs if local else len(todo), local, env, progress,
+                           deadline)
     except KeyboardInterrupt:
         print("\ninterrupted: the jobs in flight were cancelled. Run the same command again to go on (finished "
               "folds are skipped, interrupted ones continued).", file=sys.stderr)
         return 130
+    except SubmissionFailed as error:
+        return report("sweep", str(error), FAILURE)
     print(summary(results, len(jobs) - len(todo), time.time() - progress.started), flush=True)
     compared = run_compare(grid)
     if variants:

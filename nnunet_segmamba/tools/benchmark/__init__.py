@@ -27,7 +27,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from nnunet_segmamba.tools.benchmark.configurations import (PRESETS, RESENC_ROW, BenchmarkError, load_configuration,
                                                             resenc_configuration)
@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time nnU-Net's sliding-window prediction (with mirroring) of a volume this shape, "
                         "e.g. 4 155 240 240")
     parser.add_argument("--amp", choices=sorted(AMP), default="fp16", help="autocast dtype for all (default fp16)")
+    parser.add_argument("--backends", nargs="+", choices=("cuda", "triton", "torch"), metavar="BACKEND",
+                        help="eager rows of each network with Mamba layers on each of these scan backends, side by "
+                        "side (cuda, triton, torch; --compile compiles once, on the scan our trainers compile "
+                        "with); default: the environment's choice (NNUNET_SEGMAMBA_SCAN)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
@@ -129,26 +133,33 @@ def checked_setup(args: argparse.Namespace) -> Setup:
 
 
 def measure(setup: Setup, name: str, trainer: type, configuration: ConfigurationManager,
-            args: argparse.Namespace, compiled_backend: str | None) -> Result:
-    """One network's `Result` (with --predict-volume its sliding-window time)."""
+            args: argparse.Namespace, compiled_backend: str | None) -> Iterator[Result]:
+    """One network's `Result`s, each as soon as it is measured: a row per scan backend of --backends (compiled with
+    the first) if it has Mamba layers, else one; with --predict-volume each with its sliding-window time."""
     import torch
 
-    from nnunet_segmamba.mamba import use_backend
+    from nnunet_segmamba.mamba import Mamba, use_backend
 
     network = trainer.build_network_architecture(setup.manager, configuration, setup.in_channels, setup.num_classes,
                                                  True)
-    use_backend(network, None)  # eager: the environment's scan (under nnUNet_compile the build sets another)
-    result = benchmark_network(name, network, setup.configuration.patch_size, setup.batch_size, setup.in_channels,
-                               setup.num_classes, setup.device, args.amp, args.warmup, args.repeats,
-                               profile=args.profile, compiled=args.compile, compiled_backend=compiled_backend)
-    if args.predict_volume:
-        network.decoder.deep_supervision = False
-        result.volume_s = predict_volume_seconds(network, setup.manager, configuration, setup.num_classes,
-                                                 args.predict_volume, setup.device)
+    has_mamba = any(isinstance(module, Mamba) for module in network.modules())
+    for index, backend in enumerate(args.backends if args.backends and has_mamba else [None]):
+        use_backend(network, backend)  # None: the environment's scan (under nnUNet_compile the build sets another)
+        label = name if backend is None else f"{name} [{backend}]"
+        print(f"measuring {label} ...", file=sys.stderr, flush=True)  # progress, apart from the table
+        result = benchmark_network(label, network, setup.configuration.patch_size, setup.batch_size,
+                                   setup.in_channels, setup.num_classes, setup.device, args.amp, args.warmup,
+                                   args.repeats, profile=args.profile, compiled=args.compile and index == 0,
+                                   compiled_backend=compiled_backend)
+        if args.predict_volume:
+            network.decoder.deep_supervision = False
+            result.volume_s = predict_volume_seconds(network, setup.manager, configuration, setup.num_classes,
+                                                     args.predict_volume, setup.device)
+            network.decoder.deep_supervision = True
+        yield result
     del network
     if setup.device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -181,21 +192,23 @@ def main(args: argparse.Namespace) -> int:
         print(f"torch.compile: {describe_backend(device, compiled_backend)}")
     print(f"\n{table_header(volume)}", flush=True)
     results = []
+    networks_done = 0
     try:
         for name, trainer, configuration in setup.networks:
-            print(f"measuring {name} ...", file=sys.stderr, flush=True)  # progress, apart from the table
-            results.append(measure(setup, name, trainer, configuration, args, compiled_backend))
-            print(table_row(results[-1], results[0], volume), flush=True)
-            if setup.output is not None:
-                try:
-                    write_json(setup.output, setup.json(args, results))
-                except OSError as error:
-                    return report("benchmark", f"cannot write {setup.output}: {error}", FAILURE)
+            for result in measure(setup, name, trainer, configuration, args, compiled_backend):
+                results.append(result)
+                print(table_row(result, results[0], volume), flush=True)
+                if setup.output is not None:
+                    try:
+                        write_json(setup.output, setup.json(args, results))
+                    except OSError as error:
+                        return report("benchmark", f"cannot write {setup.output}: {error}", FAILURE)
+            networks_done += 1
     except KeyboardInterrupt:
         if results:
             print_tables(results, args.warmup, args.repeats, args.profile, args.compile)
         kept = f"; {setup.output} holds them" if setup.output is not None and results else ""
-        return report("benchmark", f"interrupted after {len(results)} of {len(setup.networks)} networks{kept}",
+        return report("benchmark", f"interrupted after {networks_done} of {len(setup.networks)} networks{kept}",
                       INTERRUPTED)
     print_tables(results, args.warmup, args.repeats, args.profile, args.compile)
     return 0

@@ -27,8 +27,8 @@ def compiled_training(make_step: Callable[[torch.nn.Module], Callable[[], None]]
                       profile: bool = False) -> dict:
     """`make_step`'s training step of `torch.compile(network)` (default mode), its Mamba layers on scan `backend`
     (None: as chosen for eager): compile time (the first step's wall seconds), median step ms after warm-up, peak
-    GiB, graph breaks and their reasons, with `profile` profile_training's dict; {"error": line} if compiling or
-    running fails."""
+    GiB, graph breaks and their reasons, the scan `backend`, with `profile` profile_training's dict; {"error": line}
+    if compiling or running fails."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -53,4 +53,5 @@ def compiled_training(make_step: Callable[[torch.nn.Module], Callable[[], None]]
         use_backend(network, None)
     reasons = counters["graph_break"]
     return {"step_ms": step_ms, "compile_s": compile_s, "peak_gib": peak, "graph_breaks": sum(reasons.values()),
-            "graph_break_reasons": sorted({reason.splitlines()[0] for reason in reasons}), **profiled}
+            "graph_break_reasons": sorted({reason.splitlines()[0] for reason in reasons}), "backend": backend,
+            **profiled}

@@ -55,9 +55,16 @@ def format_profile(trainer: str, profile: dict, step_ms: float) -> str:
     return "\n".join(lines)
 
 
+def compiled_label(label: str, backend: str | None) -> str:
+    """A --backends row's label ("SegMamba-V2 [cuda]") with the scan it was compiled on ("SegMamba-V2 [triton]"); other
+    labels as they are."""
+    return f"{label.split(' [')[0]} [{backend}]" if " [" in label and backend else label
+
+
 def format_compiled(results: list[Result]) -> str:
     """The --compile table (compiled step ms, speed-up over eager, peak, compile seconds and graph breaks, or the
-    error), then the graph breaks' reasons."""
+    error), then the graph breaks' reasons; rows not compiled (a network's further --backends rows) are left out."""
+    results = [r for r in results if r.compiled is not None]
     header = (f"{'trainer (torch.compile)':<34} {'step ms':>9} {'speed-up':>9} {'peak GiB':>9} {'compile s':>10} "
               f"{'graph breaks':>13}")
     lines = [header, "-" * len(header)]
@@ -67,7 +74,7 @@ def format_compiled(results: list[Result]) -> str:
             lines.append(f"{r.trainer:<34} error: {c['error']}")
             continue
         peak = f"{c['peak_gib']:9.2f}" if c["peak_gib"] is not None else f"{'-':>9}"
-        lines.append(f"{r.trainer:<34} {c['step_ms']:9.1f} {r.train_step_ms / c['step_ms']:9.2f} {peak} "
+        lines.append(f"{compiled_label(r.trainer, c.get('backend')):<34} {c['step_ms']:9.1f} {r.train_step_ms / c['step_ms']:9.2f} {peak} "
                      f"{c['compile_s']:10.1f} {c['graph_breaks']:13d}")
     lines += [f"graph breaks of {r.trainer}: {'; '.join(r.compiled['graph_break_reasons'])}"
               for r in results if r.compiled.get("graph_break_reasons")]
