@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
+from nnunet_segmamba.tools.environment import EXT_TRAINER_ENV, ext_trainer_folders
+from nnunet_segmamba.tools.errors import INTERRUPTED, report
 from nnunet_segmamba.tools.processes import stop_signals_interrupt
 
 TOOLS = {
@@ -29,12 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         modules[name] = importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
         modules[name].add_arguments(subparsers.add_parser(name, help=help_text))
     args = parser.parse_args(argv)
+    if args.tool != "doctor":  # doctor reports the user's own setting
+        # nnU-Net's trainer lookups in this process find our trainers whatever the user's shell has
+        os.environ[EXT_TRAINER_ENV] = ext_trainer_folders()
     with stop_signals_interrupt():  # SIGTERM and SIGHUP stop a tool as Ctrl-C does: its children end with it
         try:
             return modules[args.tool].main(args)
         except KeyboardInterrupt:
-            print(f"\nnnunet-segmamba {args.tool}: interrupted", file=sys.stderr)
-            return 130
+            return report(args.tool, "interrupted", INTERRUPTED)
 
 
 if __name__ == "__main__":

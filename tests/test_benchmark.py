@@ -26,9 +26,7 @@ def tiny_plans_file(tmp_path, patch=32, features=(4, 8, 8, 8)):
 
 
 def test_table_and_json_for_nnunets_and_our_trainer(tmp_path, capsys, monkeypatch):
-    from nnunet_segmamba.tools.environment import trainers_folder
-
-    monkeypatch.setenv("nnUNet_extTrainer", trainers_folder())
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)  # our trainers are found without the user's hook
     output = tmp_path / "result.json"
     code = main(["benchmark", "--plans-file", str(tiny_plans_file(tmp_path)), "-tr", "nnUNetTrainer",
                  "nnUNetTrainerSegMambaV2", "--resenc", "--device", "cpu", "--amp", "fp32", "--warmup", "0",
@@ -55,7 +53,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     assert main(["benchmark", "-d", "5", "-tr", "nnUNetTrainer"]) == 2
     assert main(["benchmark", "--plans-file", plans, "-tr", "nnUNetTrainer", "--predict-volume", "4", "64", "64"]) == 2
-    errors = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("nnunet-segmamba benchmark: error:")]
     assert len(errors) == 5 and "--predict-volume needs 4 (the input channels) followed by 3" in errors[4]
     assert "no plans file" in errors[0] and "no configuration '2d'" in errors[1]
     assert "nnUNetTrainerDoesNotExist" in errors[2] and "nnUNet_preprocessed is not set" in errors[3]
@@ -145,14 +144,6 @@ def test_compile_table_shows_errors_and_graph_breaks():
     assert table[4] == "graph breaks of A: Data-dependent branching"
 
 
-def test_compile_table_names_the_scan_a_backends_row_was_compiled_on():
-    compiled = {"step_ms": 20.0, "compile_s": 12.0, "peak_gib": 1.5, "graph_breaks": 0, "graph_break_reasons": [],
-                "backend": "triton"}
-    rows = [Result(name, 1, 1, 30.0, None, 1, None, "n", compiled=compiled) for name in ("Net [cuda]", "Plain")]
-    assert [line.split()[:2] for line in format_compiled(rows).splitlines()[2:]] == [["Net", "[triton]"],
-                                                                                     ["Plain", "20.0"]]
-
-
 def test_profile_and_compile_on_cpu(tmp_path, capsys):
     output = tmp_path / "result.json"
     plans = tiny_plans_file(tmp_path, patch=16, features=(4, 8))  # two stages: a short compilation
@@ -236,6 +227,32 @@ def test_saved_activations_charges_what_autograd_saves_to_the_module_saving_it()
     assert charged["0"] >= 3 * 4 * 2 and charged["2"] >= 8 * 2 * 2  # the inputs (and weights) cast to bf16
     rows = saved_activations.table(charged, network, depth=1)
     assert [kind for _, kind, _ in rows] == [type(network[int(name)]).__name__ for name, _, _ in rows]
+
+
+def test_rows_appear_as_measured_and_an_interruption_keeps_them(tmp_path, capsys, monkeypatch):
+    """Each network's row is printed (and the -o JSON rewritten) as soon as it is measured: Ctrl-C during the second
+    network leaves the first one's row on stdout and in the file, and exits with 130."""
+    from nnunet_segmamba.tools import benchmark
+
+    measured = benchmark.benchmark_network
+
+    def interrupted_second(name, *args, **kwargs):
+        if name != "nnUNetTrainer":
+            raise KeyboardInterrupt
+        return measured(name, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "benchmark_network", interrupted_second)
+    output = tmp_path / "result.json"
+    code = main(["benchmark", "--plans-file", str(tiny_plans_file(tmp_path)), "-tr", "nnUNetTrainer",
+                 "nnUNetTrainerSegMambaV2", "--device", "cpu", "--amp", "fp32", "--warmup", "0", "--repeats", "1",
+                 "-o", str(output)])
+    out, err = capsys.readouterr()
+    assert code == 130 and "measuring nnUNetTrainerSegMambaV2 ..." in err
+    assert err.splitlines()[-1] == (f"nnunet-segmamba benchmark: error: interrupted after 1 of 2 networks; {output} "
+                                    f"holds them")
+    rows = [line for line in out.splitlines() if line.startswith("nnUNetTrainer")]
+    assert len(rows) == 1 and rows[0].split()[4] == "1.00"  # the step's ratio to itself
+    assert [r["trainer"] for r in json.loads(output.read_text())["results"]] == ["nnUNetTrainer"]
 
 
 def test_backends_give_each_mamba_network_a_row_per_scan_and_compile_it_once(tmp_path, capsys, monkeypatch):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnunet_segmamba.cli import main
 from nnunet_segmamba.tools import doctor, environment
@@ -67,10 +68,11 @@ def test_doctor_fails_with_advice(nnunet_folders, monkeypatch, capsys):
     monkeypatch.delenv("nnUNet_results")
     monkeypatch.setenv("nnUNet_extTrainer", "/an/unrelated/folder")
     assert main(["doctor"]) == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "[FAIL] nnUNet_results" in out and "export nnUNet_results=" in out
     assert "but not this installation's trainers folder" in out and 'eval "$(nnunet-segmamba env)"' in out
-    assert "2 problem(s): nnUNet_results, nnUNet_extTrainer" in out
+    assert err == ("nnunet-segmamba doctor: error: 2 problem(s): nnUNet_results, nnUNet_extTrainer; fix them as the "
+                   "'->' lines above say\n")
 
 
 def test_doctor_reports_an_unset_hook(nnunet_folders, monkeypatch):
@@ -106,4 +108,66 @@ def test_doctor_console_script(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     result = subprocess.run([BIN / "nnunet-segmamba", "doctor"], capture_output=True, text=True,
                             env={k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")})
-    assert result.returncode == 1 and "problem(s)" in result.stdout
+    assert result.returncode == 1 and "problem(s)" in result.stderr and "[FAIL]" in result.stdout
+
+
+USAGE_ERRORS = {  # a usage error of every command: its arguments, what the one line on stderr says
+    "demo": (["--epochs", "0"], "--epochs and --iterations must be at least 1"),
+    "synth": (["-d", "901", "--cases", "-3"], "pass --cases 5 or more"),
+    "plan": (["-d", "901", "-pl", "SegMambaV2"], "nnUNet_raw is not set: export it"),
+    "sweep": (["-d", "901", "-tr", "nnUNetTrainer"], "nnUNet_preprocessed is not set: export nnUNet_preprocessed="),
+    "compare": (["-d", "901", "-tr", "nnUNetTrainer"], "nnUNet_results is not set"),
+    "benchmark": (["--preset", "3d_64", "-tr", "nnUNetTrainerNope"], "unknown trainer 'nnUNetTrainerNope'"),
+    "benchmark-scan": ([], "needs a CUDA GPU; on the CPU use --reference"),
+}
+
+
+@pytest.mark.parametrize("tool", list(USAGE_ERRORS))
+def test_every_command_reports_usage_errors_on_stderr_with_exit_code_2(tool, tmp_path, monkeypatch, capsys):
+    """Nothing on stdout (where results go), one line on stderr naming the command and what to do, nothing written."""
+    if tool == "benchmark-scan" and torch.cuda.is_available():
+        pytest.skip("with CUDA the backend comparison runs")
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    arguments, message = USAGE_ERRORS[tool]
+    assert main([tool, *arguments]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith(f"nnunet-segmamba {tool}: error: ") and err.count("\n") == 1, (out, err)
+    assert message in err and not any(tmp_path.iterdir())
+
+
+def test_env_and_argparse_usage_errors_exit_2_on_stderr(capsys):
+    """`eval "$(nnunet-segmamba env --bogus)"` gets nothing to evaluate."""
+    for arguments in (["env", "--bogus"], ["synth"], ["doctor", "-c"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(arguments)
+        out, err = capsys.readouterr()
+        last = err.splitlines()[-1]
+        assert exit_.value.code == 2 and not out and last.startswith("nnunet-segmamba") and ": error: " in last
+
+
+def test_failures_exit_1_on_stderr(tmp_path, capsys, monkeypatch):
+    """A failure of the work itself (here: the raw folder cannot be created) is exit code 1, and says what to do."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["synth", "-d", "901", "--raw", str(blocker / "raw"), "--cases", "5", "-np", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("Generating") and err.startswith("nnunet-segmamba synth: error: ")
+    assert "choose a writable --raw folder" in err
+
+
+def test_our_commands_find_our_trainers_without_the_users_hook(monkeypatch):
+    """The commands set nnUNet_extTrainer for their own lookups (doctor excepted: it reports the user's)."""
+    from nnunet_segmamba.tools import benchmark
+
+    seen = {}
+
+    def spy(args):
+        seen["found"] = environment.find_trainer("nnUNetTrainerSegMambaV2").__name__
+        return 0
+
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    monkeypatch.setattr(benchmark, "main", spy)
+    assert main(["benchmark", "--preset", "3d_64", "-tr", "nnUNetTrainerSegMambaV2"]) == 0
+    assert seen["found"] == "nnUNetTrainerSegMambaV2"

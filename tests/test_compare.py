@@ -270,7 +270,8 @@ def write_model_files(model: Path, configuration: dict) -> None:
 def test_parameter_column(tree: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     """params M: the network each trainer builds from its model folder's plans, for nnU-Net's trainer and ours
-    (found through nnUNet_extTrainer); empty for a trainer nnU-Net's lookup does not find, or without plans."""
+    (found without the user's nnUNet_extTrainer); empty for a trainer nnU-Net's lookup does not find, or without
+    plans."""
     import shutil
 
     import pandas as pd
@@ -278,10 +279,9 @@ def test_parameter_column(tree: dict, tmp_path: Path, capsys: pytest.CaptureFixt
 
     from nnunet_segmamba.networks.plans import build_network
     from nnunet_segmamba.networks.segmamba import SegMambaV2
-    from nnunet_segmamba.tools.environment import trainers_folder
     from tests import nnunet_plans
 
-    monkeypatch.setenv("nnUNet_extTrainer", trainers_folder())
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     ours = "nnUNetTrainerSegMambaV2NoMamba"
     dataset = Path(os.environ["nnUNet_results"]) / "Dataset501_Alpha"
     shutil.copytree(dataset / f"TrainerA__{PLANS_CONFIG}", dataset / f"{ours}__{PLANS_CONFIG}")

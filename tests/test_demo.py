@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,6 +36,9 @@ def test_demo_trains_predicts_evaluates_and_reports(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| nnUNetTrainerSegMambaV2_demo |" in result.stdout and "mean Dice (test)" in result.stdout
     assert ">> train_nnUNetTrainer_demo" in result.stdout and "Epoch 0" in result.stdout  # progress shown
+    # nnU-Net's commands start no more worker processes than these small cases pay for (the demo's time)
+    assert re.search(r"nnUNetv2_plan_and_preprocess .* -npfp (\d) -np \1\n", result.stdout)
+    assert result.stdout.count(" -npp 0 -nps 0") == 2
     report = json.loads((workspace / "report.json").read_text())
     assert [row["trainer"] for row in report["rows"]] == ["nnUNetTrainer_demo", "nnUNetTrainerSegMambaV2_demo"]
     assert all(0 <= row["mean_dice"] <= 1 and row["params_m"] > 0 for row in report["rows"])
@@ -73,13 +77,13 @@ def test_stop_signals_end_the_demo_and_its_training(tmp_path):
 
 def test_demo_refuses_a_folder_it_did_not_create(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
-    assert main(["demo", "--workspace", str(tmp_path), "-tr", "nnUNetTrainer"]) == 1
+    assert main(["demo", "--workspace", str(tmp_path), "-tr", "nnUNetTrainer"]) == 2
     assert "is not a demo workspace" in capsys.readouterr().err
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
 def test_unknown_trainer_is_named(tmp_path, capsys):
-    assert main(["demo", "--workspace", str(tmp_path / "w"), "-tr", "nnUNetTrainerNope"]) == 1
+    assert main(["demo", "--workspace", str(tmp_path / "w"), "-tr", "nnUNetTrainerNope"]) == 2
     assert "nnUNetTrainerNope" in capsys.readouterr().err and not (tmp_path / "w").exists()
 
 

@@ -153,7 +153,8 @@ def channel_layer_norm_by_autograd(x, weight, bias, eps):
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_channel_layer_norm_backward_equals_autograds(dtype, tolerance):
-    """The same forward bit for bit; gradients as autograd's of the formula, both near its float64 gradients."""
+    """The formula's forward (to rounding: on the CPU the statistics take two passes, not var_mean); gradients as
+    autograd's of the formula, both near its float64 gradients."""
     torch.manual_seed(0)
     norm = ChannelLayerNorm(6)
     with torch.no_grad():
@@ -163,7 +164,7 @@ def test_channel_layer_norm_backward_equals_autograds(dtype, tolerance):
     dy = torch.randn(2, 6, 4, 5, 3).to(dtype)
     ours = norm(x)
     by_autograd = channel_layer_norm_by_autograd(x, norm.weight, norm.bias, norm.eps)
-    assert torch.equal(ours, by_autograd)
+    torch.testing.assert_close(ours, by_autograd, atol=tolerance, rtol=tolerance)
     exact = [t.detach().double().requires_grad_() for t in (x, norm.weight, norm.bias)]
     var, mean = torch.var_mean(exact[0], dim=1, keepdim=True, correction=0)
     shape = (1, -1, 1, 1, 1)

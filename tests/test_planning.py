@@ -155,16 +155,16 @@ def test_plan_command_reuses_nnunets_data_and_prints_how_to_train(folders, capsy
 ])
 def test_plan_command_errors_are_one_line(folders, capsys, arguments, message):
     assert main(["plan", *arguments]) == 2
-    assert message in capsys.readouterr().out
+    assert message in capsys.readouterr().err
 
 
 def test_plan_command_needs_the_fingerprint_and_the_folders(folders, monkeypatch, capsys):
     write_raw_dataset(folders["nnUNet_raw"], 954, "NoPrint", task_from_preset("tiny"), 2, 0)
     assert main(["plan", "-d", "954", "-pl", "SegMamba"]) == 2
-    assert "nnUNetv2_extract_fingerprint -d 954" in capsys.readouterr().out
+    assert "nnUNetv2_extract_fingerprint -d 954" in capsys.readouterr().err
     monkeypatch.delenv("nnUNet_preprocessed")
     assert main(["plan", "-d", str(DATASET), "-pl", "SegMamba"]) == 2
-    assert "nnUNet_preprocessed is not set" in capsys.readouterr().out
+    assert "nnUNet_preprocessed is not set" in capsys.readouterr().err
 
 
 def test_plan_command_says_the_raw_dataset_is_missing(folders, capsys):
@@ -174,5 +174,5 @@ def test_plan_command_says_the_raw_dataset_is_missing(folders, capsys):
         assert main(["plan", "-d", str(DATASET), "-pl", "SegMambaV2"]) == 2
     finally:
         elsewhere.rename(raw)
-    out = capsys.readouterr().out
-    assert out.startswith("error: no raw dataset in") and "point nnUNet_raw" in out
+    err = capsys.readouterr().err
+    assert err.startswith("nnunet-segmamba plan: error: no raw dataset in") and "point nnUNet_raw" in err

@@ -250,6 +250,6 @@ def test_tools_refuse_unwritable_outputs_before_working(tmp_path, capsys):
     assert main(["demo", "--workspace", str(blocker / "demo"), "-tr", "nnUNetTrainer"]) == 1
     assert "Not a directory" in capsys.readouterr().err
     assert main(["benchmark", "--preset", "3d_64", "-tr", "nnUNetTrainer", "-o", str(blocker / "x.json")]) == 2
-    assert "cannot write" in capsys.readouterr().out
-    assert main(["synth", "-d", "950", "--raw", str(blocker / "raw"), "--cases", "5"]) == 2
-    assert "error:" in capsys.readouterr().out
+    assert "cannot write" in capsys.readouterr().err
+    assert main(["synth", "-d", "950", "--raw", str(blocker / "raw"), "--cases", "5"]) == 1
+    assert "choose a writable --raw folder" in capsys.readouterr().err

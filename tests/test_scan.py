@@ -50,15 +50,16 @@ def test_matches_sequential_reference(batch, dim, d_state, length, groups):
         assert relative_error(grad, expected) <= 1e-5, name
 
 
-def test_block_by_block_equals_one_block(monkeypatch):
+@pytest.mark.parametrize("tokens_per_block", [2, 70])  # token by token; chunks and a rest
+def test_block_by_block_equals_one_block(monkeypatch, tokens_per_block):
     """Long inputs go through the states in blocks; the carries between blocks must be exact."""
     tensors = [t.detach().float() for t in random_inputs(2, 4, 3, 300, 1, seed=1)]
     whole = [t.clone().requires_grad_() for t in tensors]
     expected = run(scan.selective_scan, whole)
     expected_grads = torch.autograd.grad(expected.square().sum(), whole)
 
-    monkeypatch.setattr(scan, "BLOCK_ELEMENTS", 64)
-    assert len(scan._blocks(torch.Size((2, 1, 4, 300)), 3)) > 5
+    monkeypatch.setitem(scan.BLOCK_ELEMENTS, "cpu", tokens_per_block * 2 * 4 * 3)  # batch * channels * d_state
+    assert {e - s for s, e in scan._blocks(300, 2 * 4 * 3, torch.device("cpu"))[:-1]} == {tokens_per_block}
     blocked = [t.clone().requires_grad_() for t in tensors]
     result = run(scan.selective_scan, blocked)
     grads = torch.autograd.grad(result.square().sum(), blocked)
@@ -67,17 +68,22 @@ def test_block_by_block_equals_one_block(monkeypatch):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("length", [1, 31, 32, 33, 2000])
-def test_linear_recurrence_equals_loop(length):
+@pytest.mark.parametrize("length", [1, 31, 32, 63, 64, 65, 2000, 40000])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("zero_start", [False, True])
+def test_linear_recurrence_equals_loop(length, reverse, zero_start):
+    """Shorter than two chunks, chunks and a rest, chunks of chunks; forwards and backwards; in place."""
     g = torch.Generator().manual_seed(length)
-    a = torch.rand(3, length, 5, generator=g, dtype=torch.float64)
-    b = torch.randn(3, length, 5, generator=g, dtype=torch.float64)
-    h0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    expected, state = [], h0
-    for t in range(length):
-        state = a[:, t] * state + b[:, t]
-        expected.append(state)
-    torch.testing.assert_close(scan.linear_recurrence(a, b, h0), torch.stack(expected, 1), rtol=1e-12, atol=1e-12)
+    a = torch.rand(length, 3, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(length, 3, 5, generator=g, dtype=torch.float64)
+    h0 = None if zero_start else torch.randn(3, 5, generator=g, dtype=torch.float64)
+    expected, state = [None] * length, torch.zeros(3, 5, dtype=torch.float64) if zero_start else h0
+    for t in reversed(range(length)) if reverse else range(length):
+        state = a[t] * state + b[t]
+        expected[t] = state
+    states = b.clone()
+    assert scan.linear_recurrence_(a, states, h0, reverse) is states
+    torch.testing.assert_close(states, torch.stack(expected), rtol=1e-12, atol=1e-12)
 
 
 def test_half_precision_inputs_return_their_dtype():

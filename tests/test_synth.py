@@ -85,14 +85,14 @@ def test_existing_dataset_is_kept_and_a_failed_write_leaves_nothing(tmp_path, mo
 def test_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("nnUNet_raw", raising=False)
     assert main(["synth", "-d", "907", "--preset", "2d", "--cases", "5", "--test-cases", "1"]) == 2
-    assert "nnUNet_raw is not set" in capsys.readouterr().out
+    assert "nnUNet_raw is not set" in capsys.readouterr().err
     assert main(["synth", "-d", "907", "--preset", "2d", "--cases", "5", "--test-cases", "1", "--raw",
                  str(tmp_path), "-np", "1"]) == 0
     assert (tmp_path / "Dataset907_Synth2d" / "imagesTs" / "Synth2d_005_0000.nii.gz").is_file()
     capsys.readouterr()
     assert main(["synth", "-d", "907", "--raw", str(tmp_path)]) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("error:") and "exists already" in out and "Generating" not in out
+    out, err = capsys.readouterr()
+    assert err.startswith("nnunet-segmamba synth: error:") and "exists already" in err and not out
     assert main(["synth", "-d", "1000", "--raw", str(tmp_path)]) == 2
 
 
@@ -106,8 +106,8 @@ def test_cli(tmp_path, capsys, monkeypatch):
 ])
 def test_cli_checks_arguments_before_any_output(tmp_path, capsys, arguments, message):
     assert main(["synth", "-d", "909", "--raw", str(tmp_path / "raw"), *arguments]) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("error: ") and message in out and "Generating" not in out
+    out, err = capsys.readouterr()
+    assert err.startswith("nnunet-segmamba synth: error: ") and message in err and not out
     assert not (tmp_path / "raw").exists()
 
 
@@ -140,4 +140,4 @@ def test_presets_refuse_settings_they_do_not_have(tmp_path, capsys):
     with pytest.raises(ValueError, match="no setting shape"):
         task_from_preset("mni", shape=(8, 8, 8))
     assert main(["synth", "-d", "908", "--preset", "mni", "--channels", "2", "--raw", str(tmp_path)]) == 2
-    assert "no setting channels" in capsys.readouterr().out and not any(tmp_path.iterdir())
+    assert "no setting channels" in capsys.readouterr().err and not any(tmp_path.iterdir())

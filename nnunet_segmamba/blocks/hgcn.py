@@ -23,7 +23,11 @@ class _ChannelLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         x32 = x.float()
-        var, mean = torch.var_mean(x32, dim=1, keepdim=True, correction=0)
+        if x32.is_cuda:  # one fused kernel
+            var, mean = torch.var_mean(x32, dim=1, keepdim=True, correction=0)
+        else:  # torch's CPU var_mean across channels: 35 ms at 32 x 56 x 64 x 56; these two passes: 3 ms
+            mean = x32.mean(1, keepdim=True)
+            var = (x32 - mean).square_().mean(1, keepdim=True)
         rstd = torch.rsqrt(var + eps)
         shape = (1, -1) + (1,) * (x.ndim - 2)
         ctx.save_for_backward(x, weight, mean, rstd)
@@ -46,8 +50,9 @@ class ChannelLayerNorm(nn.Module):
         y = (x - mean_C(x)) / sqrt(var_C(x) + eps) * weight + bias
 
     Statistics in fp32 (an fp16 variance overflows; dynamic-network-architectures' LayerNormNd computes in
-    the input dtype), one fused var_mean, no channels-last copy (timing: BENCHMARKS.md, "Tried and rejected");
-    the backward keeps x and the per-voxel statistics only (`_ChannelLayerNormFunction`).
+    the input dtype), one fused var_mean on CUDA (two passes on the CPU), no channels-last copy (timing:
+    BENCHMARKS.md, "Tried and rejected"); the backward keeps x and the per-voxel statistics only
+    (`_ChannelLayerNormFunction`).
     """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:

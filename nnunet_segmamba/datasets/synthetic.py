@@ -55,7 +55,7 @@ PRESETS: dict[str, SyntheticSpec] = {
     "iso": SyntheticSpec(shape=(48, 48, 48)),
     "aniso": SyntheticSpec(shape=(16, 64, 64), spacing=(3.0, 0.8, 0.8)),
     "thin": SyntheticSpec(shape=(48, 64, 64), tube_radius=1.0),
-    "demo": SyntheticSpec(shape=(16, 32, 32), size_jitter=0.0, speck_radius=2.5),
+    "demo": SyntheticSpec(shape=(16, 24, 24), size_jitter=0.0, speck_radius=2.5),
     "2d": SyntheticSpec(shape=(1, 96, 96)),
     "twochannel": SyntheticSpec(shape=(32, 48, 48), channels=2),
 }

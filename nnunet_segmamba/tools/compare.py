@@ -12,13 +12,13 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import textwrap
 from typing import TYPE_CHECKING
 
 from nnunet_segmamba.tools import results
 from nnunet_segmamba.tools.comparison import Comparison, build_comparison
+from nnunet_segmamba.tools.errors import FAILURE, USAGE, report
 from nnunet_segmamba.tools.results import CompareError
 
 if TYPE_CHECKING:
@@ -64,8 +64,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nWrote {len(written)} files to {os.path.abspath(args.output)}")
         return 0
     except CompareError as error:
-        print(f"nnunet-segmamba compare: error: {error}", file=sys.stderr)
-        return 2
+        return report("compare", str(error), USAGE)
+    except OSError as error:  # the outputs cannot be written after all (disk full)
+        return report("compare", f"{error}; check the free space and permissions of {os.path.abspath(args.output)}",
+                      FAILURE)
     finally:
         if staging:
             shutil.rmtree(staging, ignore_errors=True)
@@ -183,7 +185,7 @@ def _statistics_note(comparison: Comparison, args: argparse.Namespace) -> str:
             f"* p Holm < {args.alpha}. '!' marks fewer folds or datasets than asked for (see Missing). params M: "
             f"millions of parameters of the network the trainer builds from the model folder's plans.json and "
             f"dataset.json; empty where those are missing or nnU-Net's trainer lookup does not find the trainer "
-            f"(set nnUNet_extTrainer as for nnUNetv2_predict).")
+            f"(a trainer neither in nnunetv2 nor in this package needs nnUNet_extTrainer, as for nnUNetv2_predict).")
 
 
 def _terminal_report(comparison: Comparison, args: argparse.Namespace) -> str:

@@ -11,6 +11,7 @@ parameters) and a picture (`demo_report`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -20,7 +21,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from nnunet_segmamba.tools.errors import FAILURE, report
 from nnunet_segmamba.tools.processes import end_tree
 
 MARKER = ".nnunet_segmamba_demo"
@@ -42,8 +45,8 @@ class Budget:
     trainers: tuple[str, ...]
 
 
-BUDGETS = {  # cpu: 524 s on 2 cores, test Dice 0.95-0.96 (BENCHMARKS.md, "The demo"); gpu: not yet measured
-    "cpu": Budget("demo", cases=12, test_cases=4, epochs=10, iterations=40, trainers=TRAINERS[:2]),
+BUDGETS = {  # cpu: times and test Dice in BENCHMARKS.md, "The demo"; gpu: not yet measured
+    "cpu": Budget("demo", cases=12, test_cases=4, epochs=10, iterations=60, trainers=TRAINERS[:2]),
     "gpu": Budget("demo", cases=20, test_cases=5, epochs=12, iterations=50, trainers=TRAINERS),
 }
 PROGRESS = ("Epoch ", "train_loss", "Pseudo dice", "Mean Validation Dice", "Epoch time", "Preprocessing",
@@ -63,11 +66,15 @@ class Workspace:
                                                                         "nnUNet_results"))
         self.trainers, self.logs, self.predictions = root / "trainers", root / "logs", root / "predictions"
 
+    def problem(self) -> str | None:
+        """Why the demo may not use this folder (it exists and is not a demo workspace); None if it may."""
+        if self.root.exists() and not (self.root / MARKER).exists():
+            return f"{self.root} exists and is not a demo workspace; choose another --workspace"
+        return None
+
     def prepare(self) -> None:
-        """Create the workspace, replacing an earlier demo's; refuse a folder that is not one."""
+        """Create the workspace, replacing an earlier demo's (`problem` says whether it may)."""
         if self.root.exists():
-            if not (self.root / MARKER).exists():
-                raise StepFailed(f"{self.root} exists and is not a demo workspace; choose another --workspace.")
             shutil.rmtree(self.root)
         for folder in (self.raw, self.preprocessed, self.results, self.trainers, self.logs, self.predictions):
             folder.mkdir(parents=True)
@@ -134,6 +141,21 @@ def run_steps(steps: dict[str, list[str]], workspace: Workspace, env: dict[str, 
     return seconds
 
 
+@contextlib.contextmanager
+def stage(stages: dict[str, float], name: str) -> Iterator[None]:
+    """Records the seconds the block takes as stages[name]."""
+    begin = time.time()
+    yield
+    stages[name] = time.time() - begin
+
+
+def stage_report(stages: dict[str, float], total: float) -> str:
+    """A line per stage with its seconds, then the total."""
+    width = max(len(name) for name in (*stages, "total"))
+    lines = [f"  {name:<{width}} {seconds:5.0f} s" for name, seconds in (*stages.items(), ("total", total))]
+    return "\n".join(["Time per stage:", *lines])
+
+
 def batch_size(model_folder: Path, configuration: str = "3d_fullres") -> int:
     plans = json.loads((model_folder / "plans.json").read_text())
     return plans["configurations"][configuration]["batch_size"]
@@ -162,49 +184,59 @@ def main(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     budget = BUDGETS["gpu" if device == "cuda" else "cpu"]
-    epochs, iterations = args.epochs or budget.epochs, args.iterations or budget.iterations
+    epochs = budget.epochs if args.epochs is None else args.epochs
+    iterations = budget.iterations if args.iterations is None else args.iterations
     workspace = Workspace(Path(args.workspace).resolve())
-    started = time.time()
+    started, stages = time.time(), {}
     env = workspace.environment()
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # this process's own trainer lookups
+    if min(epochs, iterations) < 1:
+        return report("demo", "--epochs and --iterations must be at least 1")
     try:
-        try:
-            bases = {name: find_trainer(name) for name in args.trainers or budget.trainers}
-        except RuntimeError as error:
-            raise StepFailed(str(error).split(" in nnunetv2")[0] + ": is the name right?") from error
+        bases = {name: find_trainer(name) for name in args.trainers or budget.trainers}
+    except RuntimeError as error:
+        return report("demo", str(error))
+    if workspace.problem():
+        return report("demo", workspace.problem())
+    try:
         workspace.prepare()
         print(f"nnunet-segmamba demo: workspace {workspace.root}, device {device}, trainers {', '.join(bases)}")
         spec = task_from_preset(budget.preset)
         print(f"\n>> generating {budget.cases} + {budget.test_cases} cases ({budget.preset}: {spec})")
-        raw = write_raw_dataset(workspace.raw, DATASET_ID, "Demo", spec, budget.cases, budget.test_cases, seed=0,
-                                processes=max(1, min(8, (os.cpu_count() or 2) // 2)))
+        with stage(stages, "generate"):
+            raw = write_raw_dataset(workspace.raw, DATASET_ID, "Demo", spec, budget.cases, budget.test_cases,
+                                    seed=0, processes=max(1, min(8, (os.cpu_count() or 2) // 2)))
         dataset = raw.name
         short = {f"{name}_demo": (base, {"num_epochs": epochs, "num_iterations_per_epoch": iterations,
                                          "num_val_iterations_per_epoch": max(1, iterations // 10)})
                  for name, base in bases.items()}
         write_variants_module(workspace.trainers, "demo_trainers", short)
-        run_steps({"plan_and_preprocess": ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c",
-                                           "3d_fullres", "-np", "2"]}, workspace, env)
+        # nnU-Net's fingerprinting starts 8 worker processes by default: for these small cases the start-ups cost
+        # more than the work (2 cores: 19 s with them, 12 s with one)
+        workers = env["nnUNet_def_n_proc"]
+        stages.update(run_steps({"plan_and_preprocess": ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID),
+                                                         "-c", "3d_fullres", "-npfp", workers, "-np", workers]},
+                                workspace, env))
         train_env = {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0" if device == "cpu" else "8")}
         seconds = {}
         for name in short:
             step = f"train_{name}"
-            seconds[name] = run_steps({step: ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", name,
-                                              "-device", device]}, workspace, train_env)[step]
+            seconds[name] = stages[step] = run_steps({step: ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0",
+                                                             "-tr", name, "-device", device]}, workspace, train_env)[step]
         models = {name: workspace.results / dataset / f"{name}__nnUNetPlans__3d_fullres" for name in short}
         predict = {name: ["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(workspace.predictions / name),
                           "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", name, "-f", "0", "-device", device,
-                          "-npp", "1", "-nps", "1", *(["--disable_tta"] if device == "cpu" else [])]
+                          "-npp", "0", "-nps", "0", *(["--disable_tta"] if device == "cpu" else [])]
                    for name in short}
         evaluate = {name: ["nnUNetv2_evaluate_folder", str(raw / "labelsTs"), str(workspace.predictions / name),
                            "-djfile", str(raw / "dataset.json"), "-pfile", str(models[name] / "plans.json"), "-np",
                            "1"] for name in short}
-        # trainings one after the other (their times are compared); on a GPU machine, whose cost per stock command
-        # is mostly process start-up, all trainers' predictions side by side, then all evaluations
-        groups = [list(short)] if device == "cuda" else [[name] for name in short]
-        for stage, commands in (("predict", predict), ("evaluate", evaluate)):
-            for group in groups:
-                run_steps({f"{stage}_{name}": commands[name] for name in group}, workspace, env)
+        # trainings one after the other (their times are compared); all trainers' predictions side by side, then
+        # all evaluations: a stock command's cost here is mostly its start-up. -npp 0 -nps 0: nnU-Net predicts in
+        # its own process, starting no workers (2 cores: 8 s for two trainers instead of 15 s)
+        for name, commands in (("predict", predict), ("evaluate", evaluate)):
+            with stage(stages, name):
+                run_steps({f"{name}_{trainer}": command for trainer, command in commands.items()}, workspace, env)
         classes = {name: value for name, value in spec.labels.items() if value}
         rows = []
         for name, model in models.items():
@@ -220,16 +252,17 @@ def main(args: argparse.Namespace) -> int:
                  f"{' (test prediction without mirroring)' if device == 'cpu' else ''}")
         case = sorted((raw / "labelsTs").iterdir())[0]
         shown = {"image": raw / "imagesTs" / case.name.replace(".nii.gz", "_0000.nii.gz"), "label": case}
-        print("\n" + demo_report.write(workspace.root, title, rows, list(classes), shown, models,
-                                       {name: workspace.predictions / name / case.name for name in models}))
+        with stage(stages, "report"):
+            text = demo_report.write(workspace.root, title, rows, list(classes), shown, models,
+                                     {name: workspace.predictions / name / case.name for name in models})
+        print(f"\n{text}\n\n{stage_report(stages, time.time() - started)}")
     except (StepFailed, OSError) as error:  # OSError: the workspace cannot be written (read-only, disk full)
-        print(f"\nerror: {error}", file=sys.stderr)
-        return 1
+        return report("demo", str(error), FAILURE)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the demo stopped; {workspace.root} holds the steps done so far (no report). "
               "Run the demo again to start over.", file=sys.stderr)
         return 130
-    print(f"\nReport: {workspace.root / 'report.md'} (picture: demo.png); {time.time() - started:.0f} s in all.\n"
+    print(f"\nReport: {workspace.root / 'report.md'} (picture: demo.png).\n"
           f"Compare the trainers' fold-0 results with:\n  nnUNet_results={workspace.results} nnunet-segmamba "
           f"compare -d {DATASET_ID} -tr {' '.join(short)} --baseline {next(iter(short))} -f 0 "
           f"-o {workspace.root / 'compare'}")

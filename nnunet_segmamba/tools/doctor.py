@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from nnunet_segmamba.tools.environment import EXT_TRAINER_ENV, export_line, find_trainer, hook_paths, trainers_folder
+from nnunet_segmamba.tools.errors import FAILURE, report
 
 NNUNET_RANGE = ((2, 8, 1), (2, 9, 0))
 PROBE_TRAINER = "nnUNetTrainerSegMambaV2"
@@ -233,5 +234,8 @@ def main(args: argparse.Namespace) -> int:
         if check.advice and check.status != "ok":
             print(f"       {'':<{width}}  -> {check.advice}")
     failed = [c.name for c in checks if c.status == "FAIL"]
-    print(f"\n{len(failed)} problem(s): {', '.join(failed)}" if failed else "\nAll checks passed.")
-    return 1 if failed else 0
+    if not failed:
+        print("\nAll checks passed.")
+        return 0
+    return report("doctor", f"{len(failed)} problem(s): {', '.join(failed)}; fix them as the '->' lines above say",
+                  FAILURE)

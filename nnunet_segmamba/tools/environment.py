@@ -40,15 +40,21 @@ def export_line() -> str:
 def find_trainer(name: str) -> type:
     """nnU-Net's own trainer lookup (its folder, then nnUNet_extTrainer), without its search log on stdout.
 
-    Raises RuntimeError with nnU-Net's message when the trainer is not found. Look trainers up before any
+    Raises RuntimeError naming the trainer and the folders searched when it is not found. Look trainers up before any
     Mamba layer runs on CUDA: importing mamba_ssm imports transformers, whose lazily created modules change
     sys.modules while nnU-Net 2.8.1 iterates over it ("dictionary changed size during iteration").
     nnUNetv2_train and nnUNetv2_predict look their trainer up first, so they are not affected.
     """
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        return recursive_find_trainer_class_by_name(name)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return recursive_find_trainer_class_by_name(name)
+    except RuntimeError as error:
+        if not str(error).startswith("Could not find requested nnunet trainer"):
+            raise
+        raise RuntimeError(f"unknown trainer {name!r}: not in nnunetv2 nor in the folders of {EXT_TRAINER_ENV} "
+                           f"({os.environ.get(EXT_TRAINER_ENV, '')}); is the name right?") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

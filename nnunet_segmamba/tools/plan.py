@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+from nnunet_segmamba.tools.errors import FAILURE, USAGE, report
+
 TRAINERS = {"SegMambaV2": "nnUNetTrainerSegMambaV2", "SegMamba": "nnUNetTrainerSegMamba",
             "MambaClinix": "nnUNetTrainerMambaClinix"}
 
@@ -63,8 +65,9 @@ def main(args: argparse.Namespace) -> int:
         planner = PLANNERS[args.planner](dataset, gpu_memory_target_in_gb=target, plans_name=args.plans_name)
         plans = planner.plan_experiment()
     except (PlanError, ValueError) as error:
-        print(f"error: {error}")
-        return 2
+        return report("plan", str(error), USAGE)
+    except OSError as error:  # the plans file cannot be written
+        return report("plan", f"{error}; check that nnUNet_preprocessed is writable", FAILURE)
     folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
     name = planner.plans_identifier
     print(f"\n{args.planner} plans for {target:g} GiB: {folder / (name + '.json')}")

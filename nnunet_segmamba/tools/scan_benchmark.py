@@ -16,6 +16,8 @@ import copy
 import statistics
 import time
 
+from nnunet_segmamba.tools.errors import USAGE, report
+
 STAGES = [(128, (32, 32, 32)), (256, (16, 16, 16)), (320, (8, 8, 8))]
 """(d_model, token grid) of the deep stages of nnU-Net's 128^3 plan (features 32 ... 320)."""
 
@@ -273,8 +275,7 @@ def main(args: argparse.Namespace) -> int:
         reference_comparison(args.length, args.channels, 16, max(1, args.repeats // 5))
         return 0
     if not torch.cuda.is_available():
-        print("error: the backend comparison needs a CUDA GPU (use --reference on the CPU)")
-        return 2
+        return report("benchmark-scan", "the backend comparison needs a CUDA GPU; on the CPU use --reference", USAGE)
     device = torch.device("cuda", torch.cuda.current_device())
     kernels = gpu_scans(device)
     backend_comparison(list(kernels), args.orders, args.batch, args.warmup, args.repeats, tuple(args.dtypes),

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from nnunet_segmamba.tools import sweep_slurm
 from nnunet_segmamba.tools.environment import ext_trainer_folders
+from nnunet_segmamba.tools.errors import FAILURE, USAGE, report
 from nnunet_segmamba.tools.sweep_jobs import FoldJob, JobResult, fold_state
 from nnunet_segmamba.tools.sweep_runner import Progress, SubmissionFailed, run_jobs
 
@@ -108,14 +109,12 @@ def find_trainers(names: list[str]) -> dict[str, type]:
     """The trainer classes, looked up as nnUNetv2_train does (nnunetv2, our folder, the user's folders)."""
     from nnunet_segmamba.tools.environment import find_trainer
 
-    os.environ["nnUNet_extTrainer"] = ext_trainer_folders()  # this process's own lookups
     classes = {}
     for name in names:
         try:
             classes[name] = find_trainer(name)
-        except RuntimeError:
-            raise SweepError(f"unknown trainer {name!r}: not in nnunetv2 nor in nnUNet_extTrainer "
-                             f"({os.environ['nnUNet_extTrainer']}); is the name right?") from None
+        except RuntimeError as error:
+            raise SweepError(str(error)) from None
     return classes
 
 
@@ -374,13 +373,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         grid = check_arguments(args)
     except SweepError as error:
-        print(f"nnunet-segmamba sweep: error: {error}", file=sys.stderr)
-        return 2
+        return report("sweep", str(error), USAGE)
     try:
         variants = prepare(grid)
     except OSError as error:  # the folder cannot be written after all (disk full, read-only)
-        print(f"nnunet-segmamba sweep: error: {error}", file=sys.stderr)
-        return 1
+        return report("sweep", str(error), FAILURE)
     env, local = job_environment(args, grid, variants), grid.slurm is None
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # compare's trainer lookups find the variants too
     jobs = fold_jobs(grid, env, args.keep == "results")
@@ -404,8 +401,7 @@ def main(args: argparse.Namespace) -> int:
               "folds are skipped, interrupted ones continued).", file=sys.stderr)
         return 130
     except SubmissionFailed as error:
-        print(f"nnunet-segmamba sweep: error: {error}", file=sys.stderr)
-        return 1
+        return report("sweep", str(error), FAILURE)
     print(summary(results, len(jobs) - len(todo), time.time() - progress.started), flush=True)
     compared = run_compare(grid)
     if variants:

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from nnunet_segmamba.datasets.tasks import TASKS, task_from_preset
+from nnunet_segmamba.tools.errors import FAILURE, USAGE, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,18 +55,19 @@ def main(args: argparse.Namespace) -> int:
     raw = args.raw or os.environ.get("nnUNet_raw")
     error = argument_error(args) or (None if raw else "nnUNet_raw is not set; export it or pass --raw DIR")
     if error:
-        print(f"error: {error}")
-        return 2
+        return report("synth", error, USAGE)
     name = args.name or f"Synth{args.preset.capitalize()}"
     try:
         spec = task_from_preset(args.preset, shape=tuple(args.shape) if args.shape else None,
                                 spacing=tuple(args.spacing) if args.spacing else None, channels=args.channels)
         check_target(raw, args.dataset_id, name, args.overwrite)
-        print(f"Generating {args.cases} + {args.test_cases} cases of {spec} ...")
+    except (FileExistsError, ValueError) as error:
+        return report("synth", str(error), USAGE)
+    print(f"Generating {args.cases} + {args.test_cases} cases of {spec} ...")
+    try:
         folder = write_raw_dataset(raw, args.dataset_id, name, spec, args.cases, args.test_cases, args.seed,
                                    args.overwrite, args.processes)
-    except (FileExistsError, ValueError, OSError) as error:
-        print(f"error: {error}")
-        return 2
+    except OSError as error:
+        return report("synth", f"{error}; choose a writable --raw folder with free space", FAILURE)
     print(f"Wrote {folder}\nNext: nnUNetv2_plan_and_preprocess -d {args.dataset_id} --verify_dataset_integrity")
     return 0

@@ -1,5 +1,5 @@
-"""The benchmark's output: the table of costs with ratios to the first row, the --profile and --compile tables,
-and the `-o` JSON."""
+"""The benchmark's output: the table of costs with ratios to the first row (a row per network, printed as it is
+measured), the --profile and --compile tables, and the `-o` JSON."""
 
 from __future__ import annotations
 
@@ -21,23 +21,23 @@ def short_name(name: str, width: int = 60) -> str:
     return name if len(name) <= width else name[:width - 3] + "..."
 
 
-def format_table(results: list[Result], reference: Result) -> str:
-    """A row per result: parameters, GFLOPs, step ms, peak GiB, inference ms (and volume seconds), each time and
-    peak with its ratio to `reference`'s."""
-    volumes = any(r.volume_s is not None for r in results)
+def table_header(volumes: bool) -> str:
+    """The table of costs' header (with `volumes` the --predict-volume columns) and its rule."""
     header = (f"{'trainer':<34} {'params M':>9} {'GFLOP':>8} {'step ms':>9} {'x ref':>6} {'peak GiB':>9} {'x ref':>6} "
               f"{'infer ms':>9} {'x ref':>6}" + (f" {'volume s':>9} {'x ref':>6}" if volumes else ""))
-    lines = [header, "-" * len(header)]
-    for r in results:
-        def ratio(value, base):
-            return f"{value / base:6.2f}" if value is not None and base else f"{'-':>6}"
-        peak = f"{r.train_peak_gib:9.2f}" if r.train_peak_gib is not None else f"{'-':>9}"
-        lines.append(f"{r.trainer:<34} {r.params_m:9.1f} {r.gflops_forward:8.0f} {r.train_step_ms:9.1f} "
-                     f"{ratio(r.train_step_ms, reference.train_step_ms)} {peak} "
-                     f"{ratio(r.train_peak_gib, reference.train_peak_gib)} {r.inference_ms:9.1f} "
-                     f"{ratio(r.inference_ms, reference.inference_ms)}"
-                     + (f" {r.volume_s:9.2f} {ratio(r.volume_s, reference.volume_s)}" if volumes else ""))
-    return "\n".join(lines)
+    return f"{header}\n{'-' * len(header)}"
+
+
+def table_row(r: Result, reference: Result, volumes: bool) -> str:
+    """One result's parameters, GFLOPs, step ms, peak GiB, inference ms (and volume seconds), each time and peak
+    with its ratio to `reference`'s."""
+    def ratio(value, base):
+        return f"{value / base:6.2f}" if value is not None and base else f"{'-':>6}"
+    peak = f"{r.train_peak_gib:9.2f}" if r.train_peak_gib is not None else f"{'-':>9}"
+    return (f"{r.trainer:<34} {r.params_m:9.1f} {r.gflops_forward:8.0f} {r.train_step_ms:9.1f} "
+            f"{ratio(r.train_step_ms, reference.train_step_ms)} {peak} {ratio(r.train_peak_gib, reference.train_peak_gib)} "
+            f"{r.inference_ms:9.1f} {ratio(r.inference_ms, reference.inference_ms)}"
+            + (f" {r.volume_s:9.2f} {ratio(r.volume_s, reference.volume_s)}" if volumes else ""))
 
 
 def format_profile(trainer: str, profile: dict, step_ms: float) -> str:
@@ -82,10 +82,8 @@ def format_compiled(results: list[Result]) -> str:
 
 
 def print_tables(results: list[Result], warmup: int, repeats: int, profile: bool, compiled: bool) -> None:
-    """Prints the table of costs (ratios to the first row), with `profile` each network's profile (eager, then
-    compiled) and with `compiled` the --compile table, each with its footnote."""
-    print()
-    print(format_table(results, results[0]))
+    """What follows the table of costs (whose rows `benchmark` prints as they are measured): its footnote, with
+    `profile` each network's profile (eager, then compiled) and with `compiled` the --compile table."""
     print(f"(ratios relative to {results[0].trainer}; GFLOP: convolutions and matrix products of one forward, "
           f"batch 1; medians of {repeats} after {warmup} warm-up)")
     if profile:
