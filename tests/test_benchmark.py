@@ -53,9 +53,13 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     assert main(["benchmark", "-d", "5", "-tr", "nnUNetTrainer"]) == 2
     assert main(["benchmark", "--plans-file", plans, "-tr", "nnUNetTrainer", "--predict-volume", "4", "64", "64"]) == 2
+    # a scan that cannot run here (no CUDA; on a GPU machine: mamba-ssm not installed), before any measuring
+    assert main(["benchmark", "--plans-file", plans, "-tr", "nnUNetTrainer", "--device", "cpu", "--backends", "torch",
+                 "cuda"]) == 2
     out, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if line.startswith("nnunet-segmamba benchmark: error:")]
-    assert len(errors) == 5 and "--predict-volume needs 4 (the input channels) followed by 3" in errors[4]
+    assert len(errors) == 6 and "--predict-volume needs 4 (the input channels) followed by 3" in errors[4]
+    assert "--backends cuda: Scan backend 'cuda' was requested" in errors[5] and out == ""
     assert "no plans file" in errors[0] and "no configuration '2d'" in errors[1]
     assert "nnUNetTrainerDoesNotExist" in errors[2] and "nnUNet_preprocessed is not set" in errors[3]
 

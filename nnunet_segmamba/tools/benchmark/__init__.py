@@ -104,6 +104,7 @@ def checked_setup(args: argparse.Namespace) -> Setup:
     import torch
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunet_segmamba.mamba.backends import scan_ops
     from nnunet_segmamba.tools.environment import find_trainer
 
     output = Path(args.output).resolve() if args.output else None
@@ -128,6 +129,11 @@ def checked_setup(args: argparse.Namespace) -> Setup:
             networks.insert(1, (RESENC_ROW, find_trainer("nnUNetTrainer"), resenc_configuration(configuration)))
     except RuntimeError as error:
         raise BenchmarkError(str(error)) from None
+    for backend in args.backends or ():  # each scan asked for runs here, before any network is measured
+        try:
+            scan_ops(device, backend)
+        except RuntimeError as error:
+            raise BenchmarkError(f"--backends {backend}: {error}") from None
     return Setup(manager, configuration_name, configuration, networks, args.batch_size or configuration.batch_size,
                  in_channels, num_classes, device, output)
 
