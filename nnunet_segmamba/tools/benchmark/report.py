@@ -74,7 +74,8 @@ def format_compiled(results: list[Result]) -> str:
             lines.append(f"{r.trainer:<34} error: {c['error']}")
             continue
         peak = f"{c['peak_gib']:9.2f}" if c["peak_gib"] is not None else f"{'-':>9}"
-        lines.append(f"{compiled_label(r.trainer, c.get('backend')):<34} {c['step_ms']:9.1f} {r.train_step_ms / c['step_ms']:9.2f} {peak} "
+        label = compiled_label(r.trainer, c.get("backend"))
+        lines.append(f"{label:<34} {c['step_ms']:9.1f} {r.train_step_ms / c['step_ms']:9.2f} {peak} "
                      f"{c['compile_s']:10.1f} {c['graph_breaks']:13d}")
     lines += [f"graph breaks of {r.trainer}: {'; '.join(r.compiled['graph_break_reasons'])}"
               for r in results if r.compiled.get("graph_break_reasons")]
