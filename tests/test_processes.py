@@ -64,3 +64,26 @@ def test_an_ignored_sighup_stays_ignored_as_under_nohup():
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_children_forked_within_the_block_handle_stop_signals_as_outside_it():
+    """nnU-Net's planner and preprocessing fork multiprocessing pools inside our tools; Pool.terminate ends their
+    workers with SIGTERM. Workers that raised KeyboardInterrupt instead could die holding the pool's queue lock and
+    leave the pool's join waiting forever (seen in CI: `nnunet-segmamba plan` hung in Pool.__exit__)."""
+    script = textwrap.dedent("""
+        import multiprocessing, signal
+        from nnunet_segmamba.tools.processes import stop_signals_interrupt
+
+        def handler(_):
+            return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+        with stop_signals_interrupt():
+            for _ in range(10):
+                with multiprocessing.get_context("fork").Pool(4) as pool:  # __exit__: terminate, SIGTERM
+                    assert all(pool.map(handler, range(8)))
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # this process still raises
+        print("pools ended")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "pools ended\n", done.stderr
+    assert "KeyboardInterrupt" not in done.stderr

@@ -100,6 +100,22 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+_HANDLERS_OUTSIDE: dict[int, object] = {}
+"""The stop signals' handlers outside the outermost stop_signals_interrupt block, while one is active."""
+
+
+def _outside_handlers_in_forked_child() -> None:
+    """A child forked within the block (a worker of nnU-Net's multiprocessing pools) handles stop signals as outside
+    it: the SIGTERM of Pool.terminate ends it at once, instead of raising where it may hold the pool's queue lock
+    and leave its siblings, and the pool's join, waiting forever."""
+    for signum, handler in _HANDLERS_OUTSIDE.items():
+        signal.signal(signum, handler)
+    _HANDLERS_OUTSIDE.clear()
+
+
+os.register_at_fork(after_in_child=_outside_handlers_in_forked_child)
+
+
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -108,11 +124,15 @@ def _in_main_thread() -> bool:
 def stop_signals_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM, SIGHUP and SIGINT raise KeyboardInterrupt (SIGINT also where it was ignored, as in
     a script's background job: children inherit the default, not the ignore). SIGHUP stays ignored under nohup.
-    The previous handlers come back afterwards; outside the main thread this does nothing."""
+    The previous handlers come back afterwards, and in children forked within the block; outside the main thread
+    this does nothing."""
     if not _in_main_thread():
         yield
         return
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    outermost = not _HANDLERS_OUTSIDE
+    if outermost:
+        _HANDLERS_OUTSIDE.update(previous)
     for signum in STOP_SIGNALS:
         if not (signum == signal.SIGHUP and previous[signum] == signal.SIG_IGN):
             signal.signal(signum, _raise_interrupt)
@@ -121,6 +141,8 @@ def stop_signals_interrupt() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if outermost:
+            _HANDLERS_OUTSIDE.clear()
 
 
 @contextlib.contextmanager
