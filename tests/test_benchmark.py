@@ -263,7 +263,7 @@ def test_backends_give_each_mamba_network_a_row_per_scan_and_compile_it_once(tmp
     """--backends cuda triton: SegMamba-V2 is timed eager on each scan, side by side, and compiled once; networks
     without Mamba layers (PlainConvUNet, an ablation) get one row. Timing is replaced by a recorder here."""
     from nnunet_segmamba import tools
-    from nnunet_segmamba.mamba import Mamba
+    from nnunet_segmamba.mamba import Mamba, backends
     from nnunet_segmamba.tools.environment import trainers_folder
 
     calls = []
@@ -275,11 +275,17 @@ def test_backends_give_each_mamba_network_a_row_per_scan_and_compile_it_once(tmp
                       else None)
 
     monkeypatch.setattr(tools.benchmark, "benchmark_network", record)
+    checked, real_scan_ops = [], backends.scan_ops
+
+    def scan_ops(device, backend=None):  # the scans of --backends are checked before measuring: as if both ran here
+        checked.append(backend)
+        return real_scan_ops(device)
+    monkeypatch.setattr(backends, "scan_ops", scan_ops)
     monkeypatch.setenv("nnUNet_extTrainer", trainers_folder())
     code = main(["benchmark", "--plans-file", str(tiny_plans_file(tmp_path)), "-tr", "nnUNetTrainer",
                  "nnUNetTrainerSegMambaV2", "nnUNetTrainerSegMambaV2NoMamba", "--device", "cpu", "--backends", "cuda",
                  "triton", "--compile"])
-    assert code == 0
+    assert code == 0 and [backend for backend in checked if backend] == ["cuda", "triton"]
     assert calls == [("nnUNetTrainer", set(), True), ("nnUNetTrainerSegMambaV2 [cuda]", {"cuda"}, True),
                      ("nnUNetTrainerSegMambaV2 [triton]", {"triton"}, False),
                      ("nnUNetTrainerSegMambaV2NoMamba", set(), True)]
