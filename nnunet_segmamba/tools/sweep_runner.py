@@ -81,7 +81,8 @@ def finish(job: FoldJob, handle: submitit.Job, env: dict[str, str | None], progr
 
 
 def cancel(running: list[tuple[FoldJob, submitit.Job]], local: bool, progress: Progress) -> None:
-    """Cancel the jobs in flight; locally, wait until their trainings are gone."""
+    """Cancel the jobs in flight; locally, wait until their trainings are gone, else say which still run (a local
+    job cancelled while submitit is still starting it was seen to go on running, on a loaded 2-core machine)."""
     for job, handle in running:
         handle.cancel(check=False)
         progress.line("cancel", job, f"log {job.log}")
