@@ -16,6 +16,7 @@ import copy
 import statistics
 import time
 
+from nnunet_segmamba.tools.benchmark.network import AMP
 from nnunet_segmamba.tools.errors import USAGE, report
 
 STAGES = [(128, (32, 32, 32)), (256, (16, 16, 16)), (320, (8, 8, 8))]
@@ -84,10 +85,6 @@ def gpu_scans(device) -> dict:
     return scans
 
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-"""--dtypes: autocast dtype names (fp32: no autocast) -> torch dtype attribute names."""
-
-
 def layer_step(layer, x, grid, dtype):
     """One forward + backward of `layer` on a fresh leaf copy of `x` under autocast `dtype` (fp32: none):
     (output, input gradient). The loss is a sum, not a mean: a mean's fp16 gradients would underflow."""
@@ -134,7 +131,7 @@ def backend_comparison(backends: list[str], orders_per_layer: list[int], batch: 
             compiled = {b: torch.compile(layers[b], dynamic=False) for b in backends} if compile else {}
             x = torch.randn(batch, grid[0] * grid[1] * grid[2], d_model, device=device)
             for dtype_name in dtypes:
-                dtype = getattr(torch, DTYPES[dtype_name])
+                dtype = getattr(torch, AMP[dtype_name] or "float32")  # fp32: no autocast
                 measured = {}
                 for backend, layer in layers.items():
                     layer.zero_grad(set_to_none=True)
@@ -260,7 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, default=128, help="channels for --reference (d_inner; default 128)")
     parser.add_argument("--batch", type=int, default=2, help="batch size for the backend comparison")
     parser.add_argument("--orders", type=int, nargs="+", default=[1, 3], choices=(1, 3))
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES),
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(AMP),
                         help="autocast dtypes of the layer comparison (fp32: none; default fp32 bf16)")
     parser.add_argument("--compile", action="store_true",
                         help="also time each GPU backend's layer under torch.compile")
