@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_SECONDS = 10.0
@@ -79,21 +79,40 @@ def _signal_all(processes: list[Process], signum: int) -> None:
                 os.kill(entry.pid, signum)
 
 
-def end_tree(child: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
-    """End `child` and every process below it: SIGTERM to all at once, SIGKILL to any left after `grace` seconds.
-    Returns once none of them runs (or `grace` after SIGKILL); further stop signals wait until then. A child
-    already ended is left alone: once reaped, its pid may belong to another process."""
-    if child.poll() is not None:
-        return
+def with_environment(name: str, value: str) -> list[Process]:
+    """Our processes started with `name`=`value` in their environment: one given it and all below it, also once
+    orphaned (none where there is no /proc)."""
+    wanted, found = f"{name}={value}".encode(), []
+    for entry in PROC.iterdir() if PROC.is_dir() else ():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                environment = (entry / "environ").read_bytes().split(b"\0")
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            if wanted in environment and (found_process := process(int(entry.name))):
+                found.append(found_process)
+    return found
+
+
+def end(processes: list[Process], grace: float = GRACE_SECONDS, reap: Callable[[], object] = lambda: None) -> None:
+    """SIGTERM to all the processes at once, SIGKILL to any left after `grace` seconds. Returns once none of them
+    runs (or `grace` after SIGKILL), calling `reap` meanwhile; further stop signals wait until then."""
     with signals_ignored(*STOP_SIGNALS):  # we are stopping already
-        processes = tree(child.pid)
         for signum in (signal.SIGTERM, signal.SIGKILL):
             _signal_all(processes, signum)
             deadline = time.monotonic() + grace
             while any(map(alive, processes)) and time.monotonic() < deadline:
-                child.poll()  # reaps the child itself; its own children are reaped by it or by init
+                reap()
                 time.sleep(0.05)
-        child.poll()
+
+
+def end_tree(child: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
+    """End `child` and every process below it (see `end`). A child already ended is left alone: once reaped, its
+    pid may belong to another process."""
+    if child.poll() is not None:
+        return
+    end(tree(child.pid), grace, child.poll)  # polling reaps the child; its own children are reaped by it or by init
+    child.poll()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

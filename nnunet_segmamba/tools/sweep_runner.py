@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from nnunet_segmamba.tools.processes import end, with_environment
 from nnunet_segmamba.tools.sweep_jobs import FoldJob, JobResult, fold_state, lock_holder
 from nnunet_segmamba.tools.sweep_slurm import SlurmQueue
 
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     import submitit
 
 POLL_SECONDS = 0.5
+LEFTOVER_WAIT_SECONDS = 15.0
+"""How long cancelled local jobs get to end their trainings themselves (end_tree's grace is 10 s)."""
 TAIL_LINES = 15
 
 
@@ -81,18 +84,28 @@ def finish(job: FoldJob, handle: submitit.Job, env: dict[str, str | None], progr
 
 
 def cancel(running: list[tuple[FoldJob, submitit.Job]], local: bool, progress: Progress) -> None:
-    """Cancel the jobs in flight; locally, wait until their trainings are gone, else say which still run (a local
-    job cancelled while submitit is still starting it was seen to go on running, on a loaded 2-core machine)."""
+    """Cancel the jobs in flight; locally, wait until their controllers have ended and their folds' locks are free,
+    end what is left of them after LEFTOVER_WAIT_SECONDS, and say which folds are still being trained."""
     for job, handle in running:
         handle.cancel(check=False)
         progress.line("cancel", job, f"log {job.log}")
-    deadline = time.time() + 60
-    while local and time.time() < deadline and any(lock_holder(Path(job.folder)) for job, _ in running):
+    if not local:
+        return
+    deadline = time.time() + LEFTOVER_WAIT_SECONDS
+    while time.time() < deadline and any(not handle.done() or lock_holder(Path(job.folder)) for job, handle in running):
         time.sleep(0.2)
-    for job, _ in running:
-        if local and (still := lock_holder(Path(job.folder))):
+    for job, handle in running:
+        end_leftovers(handle)
+        if still := lock_holder(Path(job.folder)):
             print(f"    {job.label} is still being trained ({still}): stop it before running the sweep again",
                   file=sys.stderr)
+
+
+def end_leftovers(handle: submitit.Job) -> None:
+    """End what still runs of a cancelled local job. Its controller SIGKILLs the job's process one second after
+    passing on the SIGINT: on a loaded machine that can come before the job has ended its training, which then runs
+    on, orphaned, holding the fold's lock. Every process the job started carries its id in its environment."""
+    end(with_environment("SUBMITIT_LOCAL_JOB_ID", str(handle.job_id)))
 
 
 @contextlib.contextmanager
