@@ -190,33 +190,53 @@ def peak_bandwidth_gbs(device) -> float | None:
     return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
 
 
+def scan_inputs(d_model: int, grid, batch: int, dtype, device, d_state: int = 16) -> tuple[tuple, object]:
+    """A tri-orientated layer's scan at one stage (3 orders as groups, expand 2): the arguments of
+    `selective_scan` (u, delta, A, B, C, D, z, delta_bias, delta_softplus), leaves in `dtype` (A, D, bias fp32),
+    and a gradient of the output."""
+    import torch
+
+    length, groups = grid[0] * grid[1] * grid[2], 3
+    dim = 2 * d_model * groups
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def tensor(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, device=device, generator=g)).to(dtype).requires_grad_()
+    u, delta, z = tensor(batch, dim, length), tensor(batch, dim, length, scale=0.1), tensor(batch, dim, length)
+    B, C = tensor(batch, groups, d_state, length), tensor(batch, groups, d_state, length)
+    A = (-torch.rand(dim, d_state, device=device, generator=g) - 0.5).requires_grad_()
+    D = torch.ones(dim, device=device, requires_grad=True)
+    bias = torch.zeros(dim, device=device, requires_grad=True)
+    grad = torch.randn(batch, dim, length, device=device, generator=g).to(dtype)
+    return (u, delta, A, B, C, D, z, bias, True), grad
+
+
+def scan_step(scan, arguments: tuple, grad) -> None:
+    """One forward + backward of `scan` on `scan_inputs`' arguments (gradients of all leaves, discarded)."""
+    import torch
+
+    out = scan(*arguments)
+    torch.autograd.grad(out, [t for t in arguments[:8] if t is not None], grad)
+
+
 def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int,
                    stages=STAGES, d_state: int = 16) -> list[dict]:
     """The selective scan alone, forward + backward, at each stage's token count with the channels of a
-    tri-orientated layer (3 orders as groups, expand 2): time and achieved bandwidth (`scan_bytes` / time)
-    of each backend in `backends` ({name: selective_scan}), fp32 and bf16 inputs."""
+    tri-orientated layer (`scan_inputs`): time and achieved bandwidth (`scan_bytes` / time) of each backend in
+    `backends` ({name: selective_scan}), fp32 and bf16 inputs."""
     import torch
 
     rows = []
     for d_model, grid in stages:
-        length, groups = grid[0] * grid[1] * grid[2], 3
-        dim = 2 * d_model * groups
-        g = torch.Generator(device=device).manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16):
-            def tensor(*shape, scale=1.0):
-                return (scale * torch.randn(*shape, device=device, generator=g)).to(dtype).requires_grad_()
-            u, delta, z = tensor(batch, dim, length), tensor(batch, dim, length, scale=0.1), tensor(batch, dim, length)
-            B, C = tensor(batch, groups, d_state, length), tensor(batch, groups, d_state, length)
-            A = (-torch.rand(dim, d_state, device=device, generator=g) - 0.5).requires_grad_()
-            D = torch.ones(dim, device=device, requires_grad=True)
-            bias = torch.zeros(dim, device=device, requires_grad=True)
-            grad = torch.randn(batch, dim, length, device=device, generator=g).to(dtype)
+            arguments, grad = scan_inputs(d_model, grid, batch, dtype, device, d_state)
+            u = arguments[0]
+            _, dim, length = u.shape
             for name, scan in backends.items():
                 def step():
-                    out = scan(u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True)
-                    torch.autograd.grad(out, (u, delta, A, B, C, D, z, bias), grad)
+                    scan_step(scan, arguments, grad)
                 ms = _median_ms(step, device, warmup, repeats)
-                gbs = scan_bytes(batch, dim, groups, d_state, length, u.element_size()) / ms / 1e6
+                gbs = scan_bytes(batch, dim, 3, d_state, length, u.element_size()) / ms / 1e6
                 rows.append({"d_model": d_model, "grid": grid, "dim": dim, "dtype": str(dtype)[6:], "backend": name,
                              "ms": ms, "gbs": gbs, "extra_mib": _extra_memory_mib(step, device)})
     return rows
