@@ -134,15 +134,15 @@ def test_train_predict_evaluate(preprocessed, trainer, monkeypatch):
     assert sorted(p.name for p in flipped.glob("*.nii.gz")) == ["E2E_006.nii.gz", "E2E_007.nii.gz"]
     for path in sorted(predictions.glob("*.npz")):
         # nnU-Net accumulates sliding-window predictions in fp16, weighted by a Gaussian centred half a voxel off
-        # the patch centre (even patch sizes): the mirrored volume's tiles round differently (up to 0.17 in a
-        # probability near the patch border, measured; labels of this 2-iteration model's near-ties flip: 0.4-1.1%
+        # the patch centre (even patch sizes): the mirrored volume's tiles round differently (up to 0.23 in a
+        # probability near the patch border, measured (MambaClinix, CI 2026-12-07); labels of this 2-iteration model's near-ties flip: 0.4-1.1%
         # of voxels). Exact: at the end. Measured mean error 0.0006 swapped vs 0.019 without the swap.
         probabilities = np.load(path)["probabilities"].astype(np.float64)
         mirrored = mirror_and_swap(probabilities)
         of_flipped = np.load(flipped / path.name)["probabilities"].astype(np.float64)
         assert np.abs(of_flipped - mirrored).mean() < 0.2 * np.abs(of_flipped - probabilities[..., ::-1]).mean()
         top_two = np.sort(mirrored, axis=0)[-2:]
-        decided = top_two[1] - top_two[0] > 0.4  # beyond twice the rounding: the label cannot flip
+        decided = top_two[1] - top_two[0] > 0.5  # beyond twice the rounding: the label cannot flip
         assert np.array_equal(of_flipped.argmax(0)[decided], mirrored.argmax(0)[decided])
 
     stock(preprocessed, f"nnUNetv2_evaluate_folder {raw / 'labelsTs'} {predictions} -djfile {raw / 'dataset.json'} "
