@@ -21,8 +21,8 @@ from collections import defaultdict
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 STALL = "issue_stalled_"
 SHOWN = {"Duration": "us", "Achieved Occupancy": "occ %", "Memory Throughput": "mem %", "DRAM Throughput": "dram %",
-         "Compute (SM) Throughput": "sm %", "Registers Per Thread": "regs", "Warp Cycles Per Issued Instruction":
-         "cyc/inst", "Grid Size": "grid"}
+         "Compute (SM) Throughput": "sm %", "L1/TEX Hit Rate": "L1 hit %", "L2 Hit Rate": "L2 hit %",
+         "Registers Per Thread": "regs", "Warp Cycles Per Issued Instruction": "cyc/inst", "Grid Size": "grid"}
 """ncu's details-page metrics shown, with their column names (Duration in us whatever unit ncu gives)."""
 
 
