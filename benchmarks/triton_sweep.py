@@ -9,12 +9,16 @@ import torch
 from nnunet_segmamba.mamba import triton_scan
 from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
 
-SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, TILE, TILES, BLOCK_D), `triton_scan_tiles.py`'s constants as
-    # `triton_scan` launches with them; the first: the defaults. Edit to try others; the latest sweep: BENCHMARKS.md,
-    # "Triton scan launch settings".
-    (16, 1, 2, 16, 16), (16, 1, 4, 16, 16), (16, 1, 2, 8, 16), (8, 1, 2, 16, 16),
+SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, TILE, TILES, BLOCK_D, FORWARD_MAX_REGISTERS, BACKWARD_MAX_REGISTERS),
+    # `triton_scan_tiles.py`'s constants as `triton_scan` launches with them; the first: the defaults. Edit to try
+    # others; the latest sweep: BENCHMARKS.md, "Triton scan launch settings". Register caps: benchmarks/scan_static.py
+    # shows what they cost in spills (sm_90: forward 96 none, backward 168 / 128 some).
+    (16, 1, 2, 16, 16, None, None), (16, 1, 2, 16, 16, 96, None), (16, 1, 2, 16, 16, None, 168),
+    (16, 1, 2, 16, 16, None, 128), (16, 1, 2, 16, 16, 96, 168), (32, 1, 2, 16, 16, 96, 168),
+    (16, 1, 2, 16, 16, None, None),  # the defaults again: the run's drift
 ]
-NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "TILE", "TILES", "BLOCK_D")
+NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "TILE", "TILES", "BLOCK_D", "FORWARD_MAX_REGISTERS", "BACKWARD_MAX_REGISTERS")
+LABELS = ("pps", "warps", "tile", "tiles", "bd", "fwd_regs", "bwd_regs")
 assert all(hasattr(triton_scan, name) for name in NAMES), "triton_scan no longer launches with these constants"
 
 device = torch.device("cuda")
@@ -43,24 +47,24 @@ def errors(length=32768, dim=768, groups=3, d_state=16):
     return max(_relative(a, b) for a, b in zip(results[1], results[0]))
 
 
-print(f"{'setting':<42} {'d_model':>7} {'dtype':>8} | {'triton ms':>9} {'cuda ms':>8} {'triton/cuda':>11} "
+print(f"{'setting':<64} {'d_model':>7} {'dtype':>8} | {'triton ms':>9} {'cuda ms':>8} {'triton/cuda':>11} "
       f"{'triton MiB':>10} {'cuda MiB':>8}")
 for setting in SETTINGS:
     for name, value in zip(NAMES, setting):
         setattr(triton_scan, name, value)
-    label = " ".join(f"{n.split('_')[0][:5].lower()}={v}" for n, v in zip(NAMES, setting))
+    label = " ".join(f"{short}={v}" for short, v in zip(LABELS, setting))
     try:
         rows = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 2, 3, 10)
         error = errors()
     except Exception as e:  # a setting that does not compile or run: report and go on
-        print(f"{label:<42} failed: {str(e).splitlines()[0][:120]}")
+        print(f"{label:<64} failed: {str(e).splitlines()[0][:120]}")
         continue
     few_channels = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 1, 3, 10, stages=FEW_CHANNELS)
     for r, base in zip(few_channels, few_baseline):
-        print(f"{label:<42} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
+        print(f"{label:<64} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
               f"{r['ms'] / base['ms']:10.2f}x {r['extra_mib']:10.0f} {base['extra_mib']:8.0f}")
     for r in rows:
         base = baseline[(r["d_model"], r["dtype"])]
-        print(f"{label:<42} {r['d_model']:>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
+        print(f"{label:<64} {r['d_model']:>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
               f"{r['ms'] / base['ms']:10.2f}x {r['extra_mib']:10.0f} {base['extra_mib']:8.0f}")
-    print(f"{label:<42} max relative error vs cuda (out, all grads, fp32, 32^3 tokens): {error:.1e}")
+    print(f"{label:<64} max relative error vs cuda (out, all grads, fp32, 32^3 tokens): {error:.1e}")

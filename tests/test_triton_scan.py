@@ -176,3 +176,19 @@ def test_kernels_compile_for_a_gpu():
     shuffles = ast.literal_eval(compile_without_gpu(COMPILE_FOR_H100).strip().splitlines()[-1])
     assert set(shuffles) == {"_forward_kernel", "_backward_kernel"}
     assert max(shuffles.values()) <= 32, shuffles
+
+
+def test_static_profile_of_the_kernels_applies_register_caps_to_the_final_passes():
+    """benchmarks/scan_static.py (no GPU): registers, the warps an SM then holds, and the instruction mix of each
+    kernel for sm_90; a register cap bounds the final passes only."""
+    script = ("import runpy, sys; sys.argv = ['scan_static', '--max-registers', '96', '168']; "
+              "runpy.run_path('benchmarks/scan_static.py', run_name='__main__')")
+    lines = compile_without_gpu(script).strip().splitlines()
+    columns = lines[-5].split()
+    rows = {" ".join(line.split()[:2]): dict(zip(columns[1:], map(int, line.split()[2:]))) for line in lines[-4:]}
+    assert set(rows) == {"forward summary", "forward final", "backward summary", "backward final"}
+    assert rows["forward final"]["regs"] <= 96 and rows["backward final"]["regs"] <= 168
+    for name, row in rows.items():
+        assert row["warps/SM"] == min(32, 65536 // (32 * -(-row["regs"] // 8) * 8)), name
+        assert row["MUFU"] > 0 and row["LDG"] > 0 and row["convert"] >= row["in-loop"], name
+        assert (row["RED"] > 0) == (name == "backward final"), name  # dB and dC: atomic adds
