@@ -21,7 +21,7 @@ from collections import defaultdict
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 STALL = "issue_stalled_"
 SHOWN = {"Duration": "us", "Achieved Occupancy": "occ %", "Memory Throughput": "mem %", "DRAM Throughput": "dram %",
-         "Compute (SM) Throughput": "sm %", "L1/TEX Hit Rate": "L1 hit %", "L2 Hit Rate": "L2 hit %",
+         "Compute (SM) Throughput": "sm %", "L1/TEX Cache Throughput": "L1 %", "L1/TEX Hit Rate": "L1 hit %", "L2 Hit Rate": "L2 hit %",
          "Registers Per Thread": "regs", "Warp Cycles Per Issued Instruction": "cyc/inst", "Grid Size": "grid"}
 """ncu's details-page metrics shown, with their column names (Duration in us whatever unit ncu gives)."""
 
@@ -95,7 +95,8 @@ def ncu_summary(path: str) -> None:
         lines = [line for line in file if line.startswith('"')]  # ncu's own messages are not CSV rows
     for row in csv.DictReader(lines):
         names[row["ID"]] = row["Kernel Name"]
-        metrics[row["ID"]][row["Metric Name"]] = (row["Metric Value"], row["Metric Unit"])
+        if metrics[row["ID"]].get(row["Metric Name"], ("", ""))[1] != "%":  # "Memory Throughput": % and byte/s
+            metrics[row["ID"]][row["Metric Name"]] = (row["Metric Value"], row["Metric Unit"])
         metrics[row["ID"]].setdefault("Grid Size", (row.get("Grid Size", ""), ""))
     print(f"{'id':>3} {'kernel':<22} " + " ".join(f"{column:>9}" for column in SHOWN.values()) + "  top stalls")
     for launch, values in metrics.items():

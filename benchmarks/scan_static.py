@@ -57,7 +57,7 @@ def compile_for(kernel, constants: dict, arch: int, dtype: str, max_registers: i
             signature[name] = "*" + (dtype if name in INPUT_DTYPE else "fp32")
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": triton_scan.NUM_WARPS, **triton_scan._register_cap(max_registers)}
+    options = {"num_warps": triton_scan.NUM_WARPS, **({"maxnreg": max_registers} if max_registers else {})}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -95,9 +95,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--dtype", default="bf16", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--max-registers", type=int, nargs=2, metavar=("FORWARD", "BACKWARD"),
-                        default=(triton_scan.FORWARD_MAX_REGISTERS, triton_scan.BACKWARD_MAX_REGISTERS),
-                        help="register caps of the forward's and backward's final pass (default: triton_scan's; 0: none)")
+    parser.add_argument("--max-registers", type=int, nargs=2, metavar=("FORWARD", "BACKWARD"), default=(0, 0),
+                        help="register caps (Triton's maxnreg) of the forward's and backward's final pass (default "
+                             "0 0: none, as triton_scan launches them; caps were measured slower, BENCHMARKS.md)")
     args = parser.parse_args()
     shared = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, TILE=triton_scan.TILE,
                   TILES=triton_scan.TILES, BLOCK_D=triton_scan.BLOCK_D, BLOCK_N=16)

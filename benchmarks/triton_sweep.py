@@ -9,15 +9,13 @@ import torch
 from nnunet_segmamba.mamba import triton_scan
 from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
 
-SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, TILE, TILES, BLOCK_D, FORWARD_MAX_REGISTERS, BACKWARD_MAX_REGISTERS),
-    # `triton_scan_tiles.py`'s constants as `triton_scan` launches with them; the first: the defaults. Edit to try
-    # others; the latest sweep: BENCHMARKS.md, "Triton scan launch settings". Register caps: benchmarks/scan_static.py
-    # shows what they cost in spills (sm_90: forward 96 none, backward 168 / 128 some).
-    (16, 1, 2, 16, 16, None, None), (16, 1, 2, 16, 16, 96, None), (16, 1, 2, 16, 16, None, 168),
-    (16, 1, 2, 16, 16, 96, 168), (16, 1, 2, 16, 16, None, None),  # the defaults again: the run's drift
+SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, TILE, TILES, BLOCK_D), `triton_scan_tiles.py`'s constants as
+    # `triton_scan` launches with them; the first and last: the defaults (the run's drift). Edit to try others; the
+    # latest sweeps: BENCHMARKS.md, "Triton scan launch settings".
+    (16, 1, 2, 16, 16), (16, 1, 4, 16, 16), (16, 1, 2, 8, 16), (8, 1, 2, 16, 16), (16, 1, 2, 16, 16),
 ]
-NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "TILE", "TILES", "BLOCK_D", "FORWARD_MAX_REGISTERS", "BACKWARD_MAX_REGISTERS")
-LABELS = ("pps", "warps", "tile", "tiles", "bd", "fwd_regs", "bwd_regs")
+NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "TILE", "TILES", "BLOCK_D")
+LABELS = ("pps", "warps", "tile", "tiles", "bd")
 assert all(hasattr(triton_scan, name) for name in NAMES), "triton_scan no longer launches with these constants"
 
 device = torch.device("cuda")

@@ -29,9 +29,7 @@ from torch import Tensor
 
 from nnunet_segmamba.mamba.triton_scan_backward import _backward_kernel
 from nnunet_segmamba.mamba.triton_scan_forward import _carry_kernel, _forward_kernel
-from nnunet_segmamba.mamba.triton_scan_tiles import (
-    TILE, TILES, BLOCK_D, NUM_WARPS, PROGRAMS_PER_SM, MIN_SEGMENT_BLOCKS, FORWARD_MAX_REGISTERS, BACKWARD_MAX_REGISTERS,
-)
+from nnunet_segmamba.mamba.triton_scan_tiles import TILE, TILES, BLOCK_D, NUM_WARPS, PROGRAMS_PER_SM, MIN_SEGMENT_BLOCKS
 
 
 def _segment_blocks(n_blocks: int, programs: int, device: torch.device) -> int:
@@ -62,11 +60,6 @@ def _strides(u: Tensor, B: Tensor) -> dict:
     """The kernels' strides of the (batch, dim, L) tensors' channels and tokens and of B's states and tokens."""
     return dict(channel_stride=u.stride(1), token_stride=u.stride(2), state_stride=B.stride(2),
                 bc_token_stride=B.stride(3))
-
-
-def _register_cap(max_registers: int | None) -> dict:
-    """Launch options of a final pass: Triton's `maxnreg` where a register cap is set."""
-    return {"maxnreg": max_registers} if max_registers else {}
 
 
 def _carry_between_segments(seg_state: Tensor, seg_dt: Tensor, A: Tensor, sizes: dict, reverse: bool) -> None:
@@ -118,7 +111,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
             if grid[2] > 1:
                 _forward_kernel[grid](*inputs, **launch, SUMMARY=True)
                 _carry_between_segments(seg_state, seg_dt, A, sizes, reverse=False)
-            _forward_kernel[grid](*inputs, **launch, **_register_cap(FORWARD_MAX_REGISTERS), SUMMARY=False)
+            _forward_kernel[grid](*inputs, **launch, SUMMARY=False)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts, seg_dt)
         ctx.flags = flags
         return out
@@ -144,7 +137,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
             if grid[2] > 1:
                 _backward_kernel[grid](*arguments, **launch, SUMMARY=True)
                 _carry_between_segments(seg_carry, seg_dt, A, sizes, reverse=True)
-            _backward_kernel[grid](*arguments, **launch, **_register_cap(BACKWARD_MAX_REGISTERS), SUMMARY=False)
+            _backward_kernel[grid](*arguments, **launch, SUMMARY=False)
         dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else None
         dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
         return du, ddelta, dA_part.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None

@@ -39,13 +39,6 @@ states (8 and 32 were slower)."""
 NUM_WARPS = 1
 """Warps per program."""
 
-FORWARD_MAX_REGISTERS: int | None = None
-BACKWARD_MAX_REGISTERS: int | None = None
-"""A cap on the registers per thread of the forward's and the backward's final pass (Triton's `maxnreg`; None: ptxas
-decides; their SUMMARY passes need fewer and took more under a cap). With one warp per program the registers bound
-the programs an SM holds; `benchmarks/scan_static.py` shows the counts and the spills a cap causes,
-`benchmarks/triton_sweep.py` measures it."""
-
 PROGRAMS_PER_SM = 16
 """Programs per SM below which the sequence is split into segments scanned in parallel (`_segment_blocks`);
 8 and 32 measured within noise, 64 slower."""
