@@ -18,10 +18,12 @@ import csv
 import sys
 from collections import defaultdict
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from nnunet_segmamba.tools.benchmark.network import AMP
+
 STALL = "issue_stalled_"
 SHOWN = {"Duration": "us", "Achieved Occupancy": "occ %", "Memory Throughput": "mem %", "DRAM Throughput": "dram %",
-         "Compute (SM) Throughput": "sm %", "L1/TEX Cache Throughput": "L1 %", "L1/TEX Hit Rate": "L1 hit %", "L2 Hit Rate": "L2 hit %",
+         "Compute (SM) Throughput": "sm %", "L1/TEX Cache Throughput": "L1 %", "L1/TEX Hit Rate": "L1 hit %",
+         "L2 Hit Rate": "L2 hit %",
          "Registers Per Thread": "regs", "Warp Cycles Per Issued Instruction": "cyc/inst", "Grid Size": "grid"}
 """ncu's details-page metrics shown, with their column names (Duration in us whatever unit ncu gives)."""
 
@@ -51,7 +53,7 @@ def breakdown(dtype_name: str) -> None:
     from nnunet_segmamba.tools.scan_benchmark import STAGES, _median_ms, gpu_scans, scan_inputs, scan_step
 
     device = torch.device("cuda", torch.cuda.current_device())
-    dtype = getattr(torch, DTYPES[dtype_name])
+    dtype = getattr(torch, AMP[dtype_name] or "float32")
     scans = gpu_scans(device)
     print(f"Selective scan alone, forward + backward, batch 2, {dtype_name}, {torch.cuda.get_device_name(device)}")
     for d_model, grid in STAGES:
@@ -107,15 +109,15 @@ def ncu_summary(path: str) -> None:
                 value = f"{float(value.replace(',', '')) * {'ns': 1e-3, 'ms': 1e3, 's': 1e6}.get(unit, 1):.1f}"
             cells.append(f"{value:>9}")
         stalls = sorted(((float(v.replace(",", "")), k.split(STALL, 1)[1].split("_per_")[0])
-                         for k, (v, _) in values.items() if STALL in k and v.replace(",", "").replace(".", "").isdigit()),
-                        reverse=True)[:3]
+                         for k, (v, _) in values.items()
+                         if STALL in k and v.replace(",", "").replace(".", "").isdigit()), reverse=True)[:3]
         print(f"{launch:>3} {names[launch][:22]:<22} " + " ".join(cells) + "  "
               + ", ".join(f"{reason} {value:.1f}" for value, reason in stalls))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="bf16", choices=list(AMP))
     parser.add_argument("--once", action="store_true")
     parser.add_argument("--ncu-summary", metavar="CSV")
     args = parser.parse_args()

@@ -101,7 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     shared = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, TILE=triton_scan.TILE,
                   TILES=triton_scan.TILES, BLOCK_D=triton_scan.BLOCK_D, BLOCK_N=16)
-    kernels = (("forward", _forward_kernel, args.max_registers[0]), ("backward", _backward_kernel, args.max_registers[1]))
+    kernels = (("forward", _forward_kernel, args.max_registers[0]),
+               ("backward", _backward_kernel, args.max_registers[1]))
     rows = {f"{name} {mode}": describe(compile_for(kernel, {**shared, "SUMMARY": mode == "summary"}, args.arch,
                                                     args.dtype, cap if mode == "final" else None))
             for name, kernel, cap in kernels for mode in ("summary", "final")}

@@ -135,8 +135,9 @@ def test_train_predict_evaluate(preprocessed, trainer, monkeypatch):
     for path in sorted(predictions.glob("*.npz")):
         # nnU-Net accumulates sliding-window predictions in fp16, weighted by a Gaussian centred half a voxel off
         # the patch centre (even patch sizes): the mirrored volume's tiles round differently (up to 0.23 in a
-        # probability near the patch border, measured (MambaClinix, CI 2026-12-07); labels of this 2-iteration model's near-ties flip: 0.4-1.1%
-        # of voxels). Exact: at the end. Measured mean error 0.0006 swapped vs 0.019 without the swap.
+        # probability near the patch border, measured: MambaClinix, CI 2026-12-07; labels of this 2-iteration
+        # model's near-ties flip: 0.4-1.1% of voxels). Exact: at the end. Measured mean error 0.0006 swapped vs
+        # 0.019 without the swap.
         probabilities = np.load(path)["probabilities"].astype(np.float64)
         mirrored = mirror_and_swap(probabilities)
         of_flipped = np.load(flipped / path.name)["probabilities"].astype(np.float64)

@@ -230,13 +230,13 @@ def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int
     for d_model, grid in stages:
         for dtype in (torch.float32, torch.bfloat16):
             arguments, grad = scan_inputs(d_model, grid, batch, dtype, device, d_state)
-            u = arguments[0]
+            u, B = arguments[0], arguments[3]
             _, dim, length = u.shape
             for name, scan in backends.items():
                 def step():
                     scan_step(scan, arguments, grad)
                 ms = _median_ms(step, device, warmup, repeats)
-                gbs = scan_bytes(batch, dim, 3, d_state, length, u.element_size()) / ms / 1e6
+                gbs = scan_bytes(batch, dim, B.shape[1], d_state, length, u.element_size()) / ms / 1e6
                 rows.append({"d_model": d_model, "grid": grid, "dim": dim, "dtype": str(dtype)[6:], "backend": name,
                              "ms": ms, "gbs": gbs, "extra_mib": _extra_memory_mib(step, device)})
     return rows
