@@ -185,14 +185,11 @@ def class_names(root: Path, dataset: str) -> dict[str, str]:
     return {}
 
 
-def table(root: Path, args: argparse.Namespace) -> str:
-    """Markdown: per task and trainer, the folds found, Dice per class (mean ± sd over folds), foreground Dice,
-    the paired test against the baseline (Holm-corrected over the table), parameters."""
+def table(result, root: Path, args: argparse.Namespace) -> str:
+    """Markdown of `comparison`'s result: per task and trainer, the folds found, Dice per class (mean ± sd over
+    folds), foreground Dice, the paired test against the baseline (Holm-corrected over the table), parameters."""
     import pandas as pd
 
-    result = comparison(root, args)
-    if result is None:
-        return "no folds yet"
     per_class: dict[tuple[str, str], list[str]] = {}
     for row in result.classes.to_dict("records"):
         if row["foreground"]:
@@ -217,6 +214,28 @@ def table(root: Path, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(result, args: argparse.Namespace) -> str:
+    """Markdown: does the Mamba part help? Each network against its own No-Mamba ablation (both among the
+    trainers), per task: foreground Dice of each, the mean paired difference of case foreground Dice, and the
+    two-sided Wilcoxon test on those pairs, Holm-corrected over this table's tests."""
+    from nnunet_segmamba.tools.comparison import paired_tests
+
+    suffix = budget_suffix(args)
+    ablation_of = {f"{t}{suffix}": f"{t}NoMamba{suffix}" for t in args.trainers if f"{t}NoMamba" in args.trainers}
+    tests = paired_tests(result.case_fg, ablation_of)
+    if tests.empty:
+        return "no network with its ablation yet"
+    dice = result.overview.set_index(["dataset", "method"])["dice"]
+    lines = ["| task | network | pairs | fg Dice with Mamba | without | Δ (with - without) | p (Holm) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in tests.to_dict("records"):
+        p_holm = "" if math.isnan(row["p_holm"]) else f"{row['p_holm']:.2g}"
+        lines.append(f"| {row['dataset'].split('_', 1)[1]} | {row['method'].removesuffix(suffix)} | {row['pairs']} | "
+                     f"{dice[row['dataset'], row['method']]:.3f} | {dice[row['dataset'], row['baseline']]:.3f} | "
+                     f"{row['mean_diff']:+.3f} | {p_holm} |")
+    return "\n".join(lines)
+
+
 def with_variants(args: argparse.Namespace) -> tempfile.TemporaryDirectory:
     """The budget variants of the trainers (for their parameter counts), on nnUNet_extTrainer of this process."""
     from nnunet_segmamba.tools.environment import find_trainer
@@ -236,7 +255,13 @@ def print_table(root: Path, args: argparse.Namespace) -> None:
     with with_variants(args):
         print(f"\nAccuracy at a fixed budget ({args.epochs} epochs x {args.iterations} iterations, folds "
               f"{' '.join(args.folds)} of nnU-Net's 5-fold split, {args.cases} training cases per task, eager, fp16)"
-              f"\n\n{table(root, args)}")
+              f"\n")
+        result = comparison(root, args)
+        if result is None:
+            print("no folds yet")
+            return
+        print(f"{table(result, root, args)}\n\nDoes the Mamba part help? Each network against its No-Mamba "
+              f"ablation, paired on the validation cases both have\n\n{ablation_table(result, args)}")
 
 
 def run_increment(args: argparse.Namespace) -> int:
