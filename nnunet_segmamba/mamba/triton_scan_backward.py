@@ -35,7 +35,7 @@ import triton.language as tl
 
 from nnunet_segmamba.mamba.triton_scan_tiles import (
     _program_tiles, _load_tile, _store_tile, _add_tile, _delta_tile, _decay, _drive, _states, _reverse_scan, _row,
-    _segment,
+    _segment, _shift_up,
 )
 
 
@@ -101,16 +101,14 @@ def _backward_kernel(
                 dy = dout_t * z_t * sig
             # adjoint dh_t = a_{t+1} dh_{t+1} + C_t dy_t: a reverse scan over (a_{t+1}, C_t dy_t), the tile's last
             # token taking a = 1, plus the carry from later tiles.
-            after, after_valid = tokens + 1, (rows < TILE - 1) & (tokens + 1 < length)
-            dt_after, _ = _delta_tile(delta + x_base, after, token_stride, after_valid, channels, d_mask, bias_vec,
-                                      SOFTPLUS)
-            suffix_decay, suffix = _reverse_scan(_decay(dt_after, A_tile), dy[:, None, :] * C_t[:, :, None])
+            decay = _decay(dt, A_tile)
+            suffix_decay, suffix = _reverse_scan(_shift_up(decay, TILE), dy[:, None, :] * C_t[:, :, None])
             dh = suffix + suffix_decay * carry[None, :, :]
             if not SUMMARY:
                 u_t = _load_tile(u + x_base, tokens, token_stride, valid, channels, d_mask)
                 B_t = _load_tile(B + bc_base, tokens, bc_token_stride, valid, states, n_mask)
                 b_t = _drive(dt, u_t, B_t)
-                hs = _states(_decay(dt, A_tile), b_t, tl.load(scratch + scratch_tiles + k * BLOCK_N * BLOCK_D))
+                hs = _states(decay, b_t, tl.load(scratch + scratch_tiles + k * BLOCK_N * BLOCK_D))
                 if HAS_Z:
                     y = tl.sum(hs * C_t[:, :, None], axis=1) + D_vec[None, :] * u_t
                     _store_tile(dz + x_base, tokens, token_stride, valid, channels, d_mask,
@@ -130,7 +128,7 @@ def _backward_kernel(
                 dA_acc += tl.sum(d_exponent * dt[:, None, :], axis=0)
                 dD_acc += tl.sum(dy * u_t, axis=0)
                 dbias_acc += tl.sum(d_dt, axis=0)
-            carry = _row(_decay(dt, A_tile), 0, TILE) * _row(dh, 0, TILE)
+            carry = _row(decay, 0, TILE) * _row(dh, 0, TILE)
     if SUMMARY:
         tl.store(seg_carry + seg_tiles, carry, mask=nd_mask)
     else:

@@ -154,6 +154,17 @@ def _row(x, index, T: tl.constexpr):
 
 
 @triton.jit
+def _shift_up(x, T: tl.constexpr):
+    """y[t] = x[t + 1] for t < T - 1 and y[T - 1] = 1 of a (T, BLOCK_N, BLOCK_D) tile (in each lane's registers):
+    a_{t+1} from a_t within a tile, the tile's last token taking a = 1."""
+    rows = tl.arange(0, T)[:, None, None]
+    shifted = tl.where(rows == T - 1, 1.0, x)
+    for k in tl.static_range(T - 1):
+        shifted = tl.where(rows == k, _row(x, k + 1, T)[None, :, :], shifted)
+    return shifted
+
+
+@triton.jit
 def _segment(n_blocks, seg_blocks):
     """This program's segment: its index and its checkpoint blocks [first, last)."""
     seg = tl.program_id(2)
