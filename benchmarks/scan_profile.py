@@ -7,8 +7,10 @@ tri-orientated layer's stages (`scan_benchmark.STAGES`, `scan_inputs`).
                                                           step: the program `ncu --profile-from-start off` profiles
     python3 benchmarks/scan_profile.py --ncu-summary F.csv  condense `ncu --csv --page details` output: per kernel
                                                           launch duration, occupancy, throughputs, top stalls
+    python3 benchmarks/scan_profile.py --layer [--dtype fp16]  the same breakdown for the whole tri-orientated Mamba
+                                                          layer, cuda and triton backends, eager and compiled
 
-`benchmarks/gpu profile-scan` runs all three on the GPU machine.
+`benchmarks/gpu profile-scan` runs the first three on the GPU machine, `benchmarks/gpu profile-layer` the last.
 """
 
 from __future__ import annotations
@@ -28,29 +30,46 @@ SHOWN = {"Duration": "us", "Achieved Occupancy": "occ %", "Memory Throughput": "
 """ncu's details-page metrics shown, with their column names (Duration in us whatever unit ncu gives)."""
 
 
-def kernel_times(scan, arguments, grad, steps: int = 5) -> dict[str, tuple[int, float]]:
-    """{kernel name: (calls per step, device us per step)} over `steps` forward + backward steps."""
+def kernel_times(step, steps: int = 5) -> dict[str, tuple[int, float]]:
+    """{kernel name: (calls per step, device us per step)} over `steps` calls of `step` (after one more)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from nnunet_segmamba.tools.benchmark.profiling import _device_us
-    from nnunet_segmamba.tools.scan_benchmark import scan_step
 
-    scan_step(scan, arguments, grad)
+    step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         for _ in range(steps):
-            scan_step(scan, arguments, grad)
+            step()
         torch.cuda.synchronize()
     return {e.key: (e.count // steps, _device_us(e) / steps) for e in profiler.key_averages()
             if e.device_type.name != "CPU" and _device_us(e) > 0}
+
+
+def print_kernels(title: str, step, device, shown: int | None = None) -> None:
+    """`title`, the wall ms of `step` (median of 10) and its kernels' device us per step, longest first (the
+    first `shown`, and the rest summed)."""
+    from nnunet_segmamba.tools.scan_benchmark import _median_ms
+
+    wall = _median_ms(step, device, 3, 10)
+    kernels = sorted(kernel_times(step).items(), key=lambda item: -item[1][1])
+    busy = sum(us for _, (_, us) in kernels) / 1000
+    print(f"\n{title}: wall {wall:.3f} ms, kernels {busy:.3f} ms ({len(kernels)} kinds, "
+          f"{sum(calls for _, (calls, _) in kernels)} launches)")
+    for kernel, (calls, us) in kernels[:shown]:
+        print(f"  {us:9.1f} us {calls:3d}x  {kernel[:100]}")
+    rest = kernels[shown:] if shown is not None else []
+    if rest:
+        calls = sum(calls for _, (calls, _) in rest)
+        print(f"  {sum(us for _, (_, us) in rest):9.1f} us {calls:3d}x  ({len(rest)} other kinds)")
 
 
 def breakdown(dtype_name: str) -> None:
     """Per stage, per backend: wall ms of a step (median of 10) and its kernels' device us, longest first."""
     import torch
 
-    from nnunet_segmamba.tools.scan_benchmark import STAGES, _median_ms, gpu_scans, scan_inputs, scan_step
+    from nnunet_segmamba.tools.scan_benchmark import STAGES, gpu_scans, scan_inputs, scan_step
 
     device = torch.device("cuda", torch.cuda.current_device())
     dtype = getattr(torch, AMP[dtype_name] or "float32")
@@ -59,13 +78,36 @@ def breakdown(dtype_name: str) -> None:
     for d_model, grid in STAGES:
         arguments, grad = scan_inputs(d_model, grid, 2, dtype, device)
         for name, scan in scans.items():
-            wall = _median_ms(lambda: scan_step(scan, arguments, grad), device, 3, 10)
-            kernels = kernel_times(scan, arguments, grad)
-            busy = sum(us for _, us in kernels.values()) / 1000
-            print(f"\n{d_model} @ {'x'.join(map(str, grid))} {name}: wall {wall:.3f} ms, kernels {busy:.3f} ms "
-                  f"({len(kernels)} kinds, {sum(calls for calls, _ in kernels.values())} launches)")
-            for kernel, (calls, us) in sorted(kernels.items(), key=lambda item: -item[1][1]):
-                print(f"  {us:9.1f} us {calls:3d}x  {kernel[:100]}")
+            print_kernels(f"{d_model} @ {'x'.join(map(str, grid))} {name}",
+                          lambda: scan_step(scan, arguments, grad), device)
+
+
+def layer_breakdown(dtype_name: str, shown: int = 12, stages=None) -> None:
+    """Per stage (d_model, token grid; default `scan_benchmark.STAGES`): the tri-orientated Mamba layer's forward +
+    backward (batch 2, autocast `dtype_name`) with each GPU backend, eager and compiled (static shapes, as our
+    trainers compile): wall ms and its `shown` longest kernels."""
+    import copy
+
+    import torch
+
+    from nnunet_segmamba.mamba import Mamba, plane_orders, use_backend
+    from nnunet_segmamba.tools.scan_benchmark import STAGES, layer_step
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, AMP[dtype_name] or "float32")
+    print(f"Tri-orientated Mamba layer, forward + backward, batch 2, {dtype_name} autocast, "
+          f"{torch.cuda.get_device_name(device)}")
+    for d_model, grid in stages or STAGES:
+        torch.manual_seed(0)
+        layer = Mamba(d_model, orders=plane_orders(3)).to(device)
+        x = torch.randn(2, grid[0] * grid[1] * grid[2], d_model, device=device)
+        torch._dynamo.reset()  # each stage compiled afresh, for its static shapes
+        for backend in ("cuda", "triton"):
+            ours = copy.deepcopy(layer)
+            use_backend(ours, backend)
+            for mode, run in (("eager", ours), ("compiled", torch.compile(ours, dynamic=False))):
+                print_kernels(f"{d_model} @ {'x'.join(map(str, grid))} {backend} {mode}",
+                              lambda: layer_step(run, x, grid, dtype), device, shown)
 
 
 def once() -> None:
@@ -120,9 +162,12 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="bf16", choices=list(AMP))
     parser.add_argument("--once", action="store_true")
     parser.add_argument("--ncu-summary", metavar="CSV")
+    parser.add_argument("--layer", action="store_true")
     args = parser.parse_args()
     if args.ncu_summary:
         ncu_summary(args.ncu_summary)
+    elif args.layer:
+        layer_breakdown(args.dtype)
     elif args.once:
         once()
     else:

@@ -210,3 +210,21 @@ def test_fp16_with_grad_scaler_trains_as_stably_as_bf16(network_class):
     assert runs["fp16"][1] <= 20  # the scaler's first steps find the scale; more would mean overflows in training
     last = {name: float(np.mean(c[-window:])) for name, c in curves.items()}
     assert abs(last["fp16"] - last["bf16"]) < 0.3 * last["bf16"] + 0.01, last
+
+
+def test_layer_profile_lists_each_backends_kernels_eager_and_compiled(capsys):
+    """`benchmarks/scan_profile.py --layer` at a small stage: four sections, each with its wall time and kernels."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("scan_profile",
+                                                  Path(__file__).parents[1] / "benchmarks" / "scan_profile.py")
+    scan_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scan_profile)
+    scan_profile.layer_breakdown("fp16", shown=3, stages=[(32, (8, 8, 8))])
+    out = capsys.readouterr().out
+    sections = [line for line in out.splitlines() if line.startswith("32 @ 8x8x8")]
+    expected = [f"32 @ 8x8x8 {backend} {mode}" for backend in ("cuda", "triton") for mode in ("eager", "compiled")]
+    assert [line.split(":")[0] for line in sections] == expected
+    assert all("wall" in line and "launches" in line for line in sections)
+    assert "_backward_kernel" in out.split("32 @ 8x8x8 triton compiled")[1]
