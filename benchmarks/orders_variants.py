@@ -4,8 +4,8 @@ gathering copies, side by side in one run.
 
   benchmarks/orders_variants.py layer [eager]   Mamba layer fwd+bwd at a 128^3 plan's stages, eager [and compiled]
 
-Variants of the triton backend: in-place (as shipped), gather (copies + ATen conv1d, as before the in-place kernels),
-gather-shifted (copies + the conv1d as shifted multiply-adds, which inductor fuses).
+Variants of the triton backend: in-place (as shipped eager), gather (copies + ATen conv1d, as before the in-place
+kernels), gather-shifted (copies + the conv1d as shifted multiply-adds, which inductor fuses: as shipped compiled).
 """
 
 import dataclasses
@@ -14,7 +14,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from nnunet_segmamba.mamba import Mamba, backends, plane_orders, raster_order, tom_orders
 
@@ -25,22 +24,13 @@ each plane row also with one order."""
 ORDERS = {"plane": plane_orders(3), "tom": tom_orders(3), "one": (raster_order(3),)}
 
 
-def conv1d_silu_shifted(x, weight, bias):
-    length, taps = x.shape[-1], weight.shape[-1]
-    padded = F.pad(x.float(), (taps - 1, 0))
-    w = weight.float()[:, 0]
-    y = sum(w[:, j, None] * padded[..., j: j + length] for j in range(taps))
-    if bias is not None:
-        y = y + bias.float()[:, None]
-    return F.silu(y).to(x.dtype)
-
-
 def variants(device):
     shipped, reason = backends.GPU_OPS["triton"](device.index or 0)
     assert shipped is not None, reason
-    gather = dataclasses.replace(shipped, ordered_conv1d_silu=None, sum_over_orders=None)
+    gather = dataclasses.replace(shipped, ordered_conv1d_silu=None, sum_over_orders=None,
+                                 conv1d_silu=backends.conv1d_silu_torch)
     return {"in-place": shipped, "gather": gather,
-            "gather-shifted": dataclasses.replace(gather, conv1d_silu=conv1d_silu_shifted)}
+            "gather-shifted": dataclasses.replace(gather, conv1d_silu=backends.conv1d_silu_shifted)}
 
 
 def use(ops):

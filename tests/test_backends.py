@@ -118,3 +118,22 @@ def test_compiled_networks_take_the_triton_scan_unless_one_was_asked_for(monkeyp
     network = torch.compile(torch.nn.Sequential(Mamba(8), torch.nn.Sequential(Mamba(8))))
     use_backend(network, "triton")
     assert [m.backend for m in network.modules() if isinstance(m, Mamba)] == ["triton", "triton"]
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_shifted_conv_is_atens_causal_depthwise_conv(with_bias):
+    """The triton backend's conv under torch.compile (shifted multiply-adds) against ATen's conv1d: values and
+    gradients in fp32, and the input's dtype kept."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(2, 6, 37, generator=g), torch.randn(6, 1, 4, generator=g), torch.randn(6, generator=g)]
+    results = []
+    for conv in (backends.conv1d_silu_shifted, backends.conv1d_silu_torch):
+        x, weight, bias = (t.clone().requires_grad_() for t in leaves)
+        out = conv(x, weight, bias if with_bias else None)
+        out.square().sum().backward()
+        results.append([out, x.grad, weight.grad, bias.grad if with_bias else torch.zeros(())])
+    for shifted, aten in zip(*results):
+        torch.testing.assert_close(shifted, aten, rtol=1e-5, atol=1e-5)
+    half = backends.conv1d_silu_shifted(leaves[0].bfloat16(), leaves[1], leaves[2] if with_bias else None)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), results[0][0].detach(), rtol=2e-2, atol=2e-2)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from nnunet_segmamba.mamba import Mamba, plane_orders, scan_ops
+from nnunet_segmamba.mamba import Mamba, backends, plane_orders, scan_ops
 from nnunet_segmamba.mamba.scan import selective_scan
 from nnunet_segmamba.networks.mambaclinix import MambaClinix
 from nnunet_segmamba.networks.plans import build_network
@@ -228,3 +228,9 @@ def test_layer_profile_lists_each_backends_kernels_eager_and_compiled(capsys):
     assert [line.split(":")[0] for line in sections] == expected
     assert all("wall" in line and "launches" in line for line in sections)
     assert "_backward_kernel" in out.split("32 @ 8x8x8 triton compiled")[1]
+
+
+def test_triton_backend_convolves_by_shifted_multiply_adds_when_compiled():
+    ops, reason = backends.GPU_OPS["triton"](0)
+    assert ops is not None, reason
+    assert ops.conv1d_silu is backends.conv1d_silu_shifted and ops.ordered_conv1d_silu is not None

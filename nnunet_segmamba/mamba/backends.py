@@ -84,6 +84,20 @@ def conv1d_silu_torch(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.silu(F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])[..., : x.shape[-1]])
 
 
+def conv1d_silu_shifted(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`conv1d_silu_torch` as K shifted multiply-adds in fp32, y_t = SiLU(bias + sum_j w_j x_{t-K+1+j}), in x's
+    dtype: under torch.compile inductor fuses it with the gathers before it into one kernel, where ATen's depthwise
+    conv1d stays a cuDNN call of its own (compiled layer 1-37% faster, BENCHMARKS.md, "The Mamba layer: token orders
+    in place vs copies", gather-shifted)."""
+    length, taps = x.shape[-1], weight.shape[-1]
+    padded = F.pad(x.float(), (taps - 1, 0))
+    w = weight.float()[:, 0]
+    y = sum(w[:, j, None] * padded[..., j : j + length] for j in range(taps))
+    if bias is not None:
+        y = y + bias.float()[:, None]
+    return F.silu(y).to(x.dtype)
+
+
 TORCH_OPS = ScanOps("torch", "exact PyTorch chunked scan", conv1d_silu_torch, torch_selective_scan)
 
 
@@ -159,8 +173,8 @@ def _triton_ops(device_index: int) -> tuple[ScanOps | None, str]:
         from nnunet_segmamba.mamba.triton_scan import triton_selective_scan
     except Exception as error:  # no triton in this torch build
         return None, f"Triton could not be imported ({type(error).__name__}: {error})"
-    ops = ScanOps("triton", "Triton selective scan and token orders", conv1d_silu_torch, triton_selective_scan,
-                  ordered_conv1d_silu, sum_over_orders)
+    ops = ScanOps("triton", "Triton selective scan and token orders", conv1d_silu_shifted, triton_selective_scan,
+                  ordered_conv1d_silu, sum_over_orders)  # conv1d_silu: under torch.compile only (`conv_in_orders`)
     problem = probe(ops, torch.device("cuda", device_index))
     return (None, problem) if problem else (ops, "")
 
