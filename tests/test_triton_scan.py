@@ -192,3 +192,22 @@ def test_static_profile_of_the_kernels_applies_register_caps_to_the_final_passes
         assert row["warps/SM"] == min(32, 65536 // (32 * -(-row["regs"] // 8) * 8)), name
         assert row["MUFU"] > 0 and row["LDG"] > 0 and row["convert"] >= row["in-loop"], name
         assert (row["RED"] > 0) == (name == "backward final"), name  # dB and dC: atomic adds
+
+
+def test_token_parallel_forward_experiment_matches_the_pytorch_scan():
+    """benchmarks/scan_token_parallel.py (the forward of a token-parallel layout, a GPU experiment): several
+    chunks, a partial last one, two groups; fp32 and bf16 inputs."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "scan_token_parallel", Path(__file__).parents[1] / "benchmarks" / "scan_token_parallel.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    for dtype, tolerance in ((torch.float32, FP32), (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))):
+        u, delta, A, B, C, D, _, bias = (t.detach() for t in random_inputs(2, 6, 4, 37, 2, dtype))
+        expected = scan.selective_scan(u.float(), delta.float(), A, B.float(), C.float(), D.float(),
+                                       delta_bias=bias.float(), delta_softplus=True)
+        out = experiment.token_parallel_forward(u, delta, A, B, C, D, bias, chunk=16)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, **tolerance)
