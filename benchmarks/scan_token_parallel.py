@@ -1,4 +1,4 @@
-"""GPU experiment: is a token-parallel Triton scan (mamba-ssm's layout) faster than ours? The forward only.
+"""GPU experiment: is a token-parallel Triton scan (mamba-ssm's layout) faster than ours?
 
 Our Triton scan (`triton_scan.py`) lays a block of 16 channels across a warp's lanes and walks the tokens two at a
 time; its loads take 2 tokens of each channel at a channel stride of L (4 of every 32 bytes fetched), and long
@@ -10,11 +10,13 @@ Triton: one program per (batch, channel), CHUNK tokens across its warps, for eac
     a_t = exp(delta_t A_n),  b_t = delta_t u_t B_t[n],  h_t[n] = H_t + P_t h_start[n]  (one associative scan)
     y_t += C_t[n] h_t[n],
 
-the state after each chunk passed on through `starts` (batch, dim, chunks + 1, N), the checkpoints a backward
-would read. One channel per program fills an H100 at every stage of our plans (batch x dim >= 1536 programs), so
-there are no segments. If this forward is not clearly faster than ours, the layout is not worth a backward.
+the state after each chunk passed on through `starts` (batch, dim, chunks + 1, N), the checkpoints the backward
+reads. One channel per program fills an H100 at every stage of our plans (batch x dim >= 1536 programs), so
+there are no segments. The backward (`_token_parallel_backward`) walks the chunks last first: per state the chunk's
+states again from the saved start, the adjoint dh_t = a_{t+1} dh_{t+1} + C_t[n] dout_t as a reverse scan, and dB,
+dC added atomically by every channel (as mamba-ssm's kernel does). Without z (our layer gates after the scan).
 
-    python3 benchmarks/scan_token_parallel.py     (GPU machine: forward ms per stage, ours / this / mamba-ssm)
+    python3 benchmarks/scan_token_parallel.py     (GPU machine: ms per stage and pass, ours / mamba-ssm / this)
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from nnunet_segmamba.mamba.triton_scan_tiles import _compose, _softplus
 CHUNK = 1024
 NUM_WARPS = 4
 SETTINGS = [(1024, 4), (512, 4), (2048, 8), (1024, 8)]
-"""(CHUNK, NUM_WARPS) measured by `main`: sm_90 compiles them to 56-80 registers, 12 lane shuffles and 8 vector loads
-(`scan_static.describe`), against 125 registers and 58 shared-memory accesses for our forward's final pass."""
+"""(CHUNK, NUM_WARPS) measured by `main`. sm_90 (`scan_static.describe`): forward 56-80 registers, 12 lane shuffles,
+6-9 shared-memory accesses (ours: 125 registers, 58); backward 96-208 registers (96 at 512/4, 123 at 1024/8; ours:
+232), 125-208 shuffles, 16-29 shared-memory accesses (ours: 133)."""
 
 
 @triton.jit
@@ -65,50 +68,165 @@ def _token_parallel_forward(u, delta, A, B, C, D, bias, out, starts, dim, groups
         tl.debug_barrier()  # the chunk's end states, stored by its last thread, are read by all in the next
 
 
-def token_parallel_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
-                           delta_bias: Tensor, chunk: int = CHUNK, num_warps: int = NUM_WARPS) -> Tensor:
-    """`scan.selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)` (no z) forward only:
-    u, delta (batch, dim, L) and B, C (batch, groups, N, L), tokens contiguous; out in u's dtype."""
+@triton.jit
+def _token_parallel_backward(u, delta, A, B, C, D, bias, dout, starts, carry, du, ddelta, dA_part, dB, dC, dD_part,
+                             dbias_part, dim, groups, length, d_state, n_chunks, CHUNK: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    """One channel of one batch element, its chunks last first. From the forward's chunk start states (`starts`)
+    each state's h_t, and the adjoint dh_t = a_{t+1} dh_{t+1} + C_t[n] dout_t as a reverse scan over the chunk,
+    dh at each chunk's first token passed on through `carry` (batch, dim, n_chunks + 1, N), zeros (one row per
+    chunk: the next chunk's row is read while this one's is written). du, ddelta in u's layout;
+    dA (batch, dim, N), dD and d(delta_bias) (batch, dim) per program; dB, dC fp32 (batch, groups, N, L), added to
+    atomically by every channel of the group (as mamba-ssm's kernel does)."""
+    row = tl.program_id(0)
+    b, d = row // dim, row % dim
+    g = d // (dim // groups)
+    x_row = row.to(tl.int64) * length
+    bc_row = (b * groups + g).to(tl.int64) * d_state * length
+    state_row = row.to(tl.int64) * (n_chunks + 1) * d_state
+    D_d, bias_d = tl.load(D + d), tl.load(bias + d)
+    offsets = tl.arange(0, CHUNK)
+    states = tl.arange(0, BLOCK_N)
+    dA_acc = tl.zeros((BLOCK_N,), tl.float32)
+    dD_acc, dbias_acc = 0.0, 0.0
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        tokens = c * CHUNK + offsets
+        valid, valid_next = tokens < length, tokens + 1 < length
+        u_c = tl.load(u + x_row + tokens, mask=valid, other=0.0).to(tl.float32)
+        raw = tl.load(delta + x_row + tokens, mask=valid, other=0.0).to(tl.float32) + bias_d
+        dt = tl.where(valid, _softplus(raw), 0.0)
+        dt_next = _softplus(tl.load(delta + x_row + tokens + 1, mask=valid_next, other=0.0).to(tl.float32) + bias_d)
+        dt_next = tl.where(valid_next, dt_next, 0.0)  # a_{t+1} = 1 past L, where dh is 0
+        dy = tl.load(dout + x_row + tokens, mask=valid, other=0.0).to(tl.float32)
+        drive = dt * u_c
+        dh_B = tl.zeros((CHUNK,), tl.float32)  # sum_n dh_t B_t[n]
+        d_exponent_A = tl.zeros((CHUNK,), tl.float32)  # sum_n dh_t a_t h_{t-1} A_n
+        for n in range(d_state):
+            A_n = tl.load(A + d * d_state + n)
+            B_n = tl.load(B + bc_row + n * length + tokens, mask=valid, other=0.0).to(tl.float32)
+            C_n = tl.load(C + bc_row + n * length + tokens, mask=valid, other=0.0).to(tl.float32)
+            b_t = drive * B_n
+            decay, local = tl.associative_scan((tl.exp(dt * A_n), b_t), 0, _compose)
+            h = local + decay * tl.load(starts + state_row + c * d_state + n)
+            suffix_decay, suffix = tl.associative_scan((tl.exp(dt_next * A_n), C_n * dy), 0, _compose, reverse=True)
+            dh = suffix + suffix_decay * tl.load(carry + state_row + (c + 1) * d_state + n)
+            tl.store(carry + state_row + c * d_state + n + 0 * offsets, dh, mask=offsets == 0)
+            g_t = dh * (h - b_t)  # dh_t exp(delta_t A_n) h_{t-1}
+            dA_acc += tl.where(states == n, tl.sum(g_t * dt, axis=0), 0.0)
+            d_exponent_A += g_t * A_n
+            dh_B += dh * B_n
+            tl.atomic_add(dB + bc_row + n * length + tokens, dh * drive, mask=valid, sem="relaxed")
+            tl.atomic_add(dC + bc_row + n * length + tokens, h * dy, mask=valid, sem="relaxed")
+        d_dt = (d_exponent_A + dh_B * u_c) * tl.sigmoid(raw)
+        tl.store(du + x_row + tokens, dh_B * dt + D_d * dy, mask=valid)
+        tl.store(ddelta + x_row + tokens, d_dt, mask=valid)
+        dD_acc += tl.sum(dy * u_c, axis=0)
+        dbias_acc += tl.sum(tl.where(valid, d_dt, 0.0), axis=0)
+        tl.debug_barrier()  # the chunk's first dh, stored by its first thread, is read by all in the next
+    tl.store(dA_part + row.to(tl.int64) * d_state + states, dA_acc, mask=states < d_state)
+    tl.store(dD_part + row, dD_acc)
+    tl.store(dbias_part + row, dbias_acc)
+
+
+class TokenParallelScan(torch.autograd.Function):
+    """`scan.selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)` (no z) in the
+    token-parallel layout: u, delta (batch, dim, L), B, C (batch, groups, N, L), tokens contiguous."""
+
+    @staticmethod
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor,
+                chunk: int, num_warps: int) -> Tensor:
+        u, delta, B, C = (t.contiguous() for t in (u, delta, B, C))
+        out, starts = _forward(u, delta, A, B, C, D, delta_bias, chunk, num_warps)
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, starts)
+        ctx.launch = chunk, num_warps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        u, delta, A, B, C, D, delta_bias, starts = ctx.saved_tensors
+        chunk, num_warps = ctx.launch
+        batch, dim, length = u.shape
+        groups, d_state = B.shape[1], A.shape[1]
+        f32 = dict(dtype=torch.float32, device=u.device)
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dB, dC = torch.zeros(B.shape, **f32), torch.zeros(C.shape, **f32)
+        dA_part = torch.empty(batch, dim, d_state, **f32)
+        dD_part, dbias_part = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
+        _token_parallel_backward[(batch * dim,)](
+            u, delta, A.float().contiguous(), B, C, D.float(), delta_bias.float(), dout.contiguous(), starts,
+            torch.zeros_like(starts), du, ddelta, dA_part, dB, dC, dD_part, dbias_part, dim, groups,
+            length, d_state, starts.shape[2] - 1, CHUNK=chunk, BLOCK_N=triton.next_power_of_2(d_state),
+            num_warps=num_warps)
+        return (du, ddelta, dA_part.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD_part.sum(0).to(D.dtype),
+                dbias_part.sum(0).to(delta_bias.dtype), None, None)
+
+
+def token_parallel_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor,
+                        chunk: int = CHUNK, num_warps: int = NUM_WARPS) -> Tensor:
+    """The selective scan (no z, softplus on) forward and backward in the token-parallel layout."""
+    return TokenParallelScan.apply(u, delta, A, B, C, D, delta_bias, chunk, num_warps)
+
+
+def _forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, delta_bias: Tensor, chunk: int,
+             num_warps: int) -> tuple[Tensor, Tensor]:
+    """`_token_parallel_forward` on contiguous inputs: out and the chunk start states."""
     batch, dim, length = u.shape
     groups, d_state = B.shape[1], A.shape[1]
     n_chunks = triton.cdiv(length, chunk)
     out = torch.empty_like(u)
     starts = torch.zeros(batch, dim, n_chunks + 1, d_state, dtype=torch.float32, device=u.device)
-    _token_parallel_forward[(batch * dim,)](u.contiguous(), delta.contiguous(), A.float().contiguous(),
-                                            B.contiguous(), C.contiguous(), D.float(), delta_bias.float(), out,
-                                            starts, dim, groups, length, d_state, n_chunks, CHUNK=chunk,
+    _token_parallel_forward[(batch * dim,)](u, delta, A.float().contiguous(), B, C, D.float(), delta_bias.float(),
+                                            out, starts, dim, groups, length, d_state, n_chunks, CHUNK=chunk,
                                             num_warps=num_warps)
-    return out
+    return out, starts
+
+
+def token_parallel_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor,
+                           delta_bias: Tensor, chunk: int = CHUNK, num_warps: int = NUM_WARPS) -> Tensor:
+    """The forward alone (no autograd): out in u's dtype."""
+    return _forward(*(t.contiguous() for t in (u, delta, A, B, C)), D, delta_bias, chunk, num_warps)[0]
 
 
 def main() -> None:
     from nnunet_segmamba.mamba.triton_scan import triton_selective_scan
-    from nnunet_segmamba.tools.scan_benchmark import STAGES, _median_ms, _relative, gpu_scans, scan_inputs
+    from nnunet_segmamba.tools.scan_benchmark import STAGES, _median_ms, _relative, gpu_scans, scan_inputs, scan_step
 
     device = torch.device("cuda")
-    cuda_scan = gpu_scans(device).get("cuda")
-    print(f"Selective scan forward only (no z), batch 2, {torch.cuda.get_device_name(device)}: ms of ours, of "
-          f"mamba-ssm's kernel and of the token-parallel layout per (CHUNK, NUM_WARPS); error: its output vs ours")
-    labels = [f"tp {chunk}/{warps}" for chunk, warps in SETTINGS]
-    print(f"{'d_model':>7} {'tokens':>8} {'dtype':>8} | {'ours':>7} {'mamba-ssm':>9} | "
-          + " ".join(f"{label:>11}" for label in labels) + f" | {'best/ours':>9} {'best/mamba':>10} | {'error':>7}")
-    with torch.no_grad():
-        for d_model, grid in STAGES:
-            for dtype in (torch.float32, torch.bfloat16):
-                (u, delta, A, B, C, D, _, bias, _), _ = scan_inputs(d_model, grid, 2, dtype, device)
-                reference = triton_selective_scan(u, delta, A, B, C, D, None, bias, True)
-                ours = _median_ms(lambda: triton_selective_scan(u, delta, A, B, C, D, None, bias, True), device, 3, 10)
-                cuda_ms = (_median_ms(lambda: cuda_scan(u, delta, A, B, C, D, None, bias, True), device, 3, 10)
-                           if cuda_scan is not None else float("nan"))
-                times, error = [], 0.0
-                for chunk, warps in SETTINGS:
-                    def step(chunk=chunk, warps=warps):
-                        return token_parallel_forward(u, delta, A, B, C, D, bias, chunk, warps)
-                    error = max(error, _relative(step().float(), reference.float()))
-                    times.append(_median_ms(step, device, 3, 10))
-                print(f"{d_model:>7} {'x'.join(map(str, grid)):>8} {str(dtype)[6:]:>8} | {ours:7.3f} {cuda_ms:9.3f} | "
-                      + " ".join(f"{ms:11.3f}" for ms in times)
-                      + f" | {min(times) / ours:9.2f} {min(times) / cuda_ms:10.2f} | {error:7.1e}", flush=True)
+    scans = {"ours": triton_selective_scan, **{"mamba-ssm": scan for scan in gpu_scans(device).values()
+                                                 if scan is not triton_selective_scan}}
+    for chunk, warps in SETTINGS:
+        scans[f"tp {chunk}/{warps}"] = (lambda u, delta, A, B, C, D, z, bias, softplus, chunk=chunk, warps=warps:
+                                        token_parallel_scan(u, delta, A, B, C, D, bias, chunk, warps))
+    print(f"Selective scan (no z, softplus), batch 2, {torch.cuda.get_device_name(device)}: ms of the forward alone "
+          f"and of forward + backward; tp CHUNK/NUM_WARPS: the token-parallel layout; error: largest relative error of "
+          f"its output and gradients against ours")
+    print(f"{'d_model':>7} {'tokens':>8} {'dtype':>8} {'pass':>8} | " + " ".join(f"{name:>11}" for name in scans)
+          + f" | {'best tp/ours':>12} {'/mamba-ssm':>10} | {'error':>7}")
+    for d_model, grid in STAGES:
+        for dtype in (torch.float32, torch.bfloat16):
+            (u, delta, A, B, C, D, _, bias, _), grad = scan_inputs(d_model, grid, 2, dtype, device)
+            arguments = (u, delta, A, B, C, D, None, bias, True)
+            leaves = [u, delta, A, B, C, D, bias]
+            results = {}
+            for name, scan in scans.items():
+                out = scan(*arguments)
+                results[name] = [out, *torch.autograd.grad(out, leaves, grad)]
+            error = max(_relative(a.float(), b.float()) for name in scans if name.startswith("tp")
+                        for a, b in zip(results[name], results["ours"]))
+            for label in ("forward", "fwd+bwd"):
+                ms = {}
+                for name, scan in scans.items():
+                    if label == "forward":
+                        with torch.no_grad():
+                            ms[name] = _median_ms(lambda: scan(*arguments), device, 3, 10)
+                    else:
+                        ms[name] = _median_ms(lambda: scan_step(scan, arguments, grad), device, 3, 10)
+                best = min(value for name, value in ms.items() if name.startswith("tp"))
+                print(f"{d_model:>7} {'x'.join(map(str, grid)):>8} {str(dtype)[6:]:>8} {label:>8} | "
+                      + " ".join(f"{value:11.3f}" for value in ms.values())
+                      + f" | {best / ms['ours']:12.2f} {best / ms.get('mamba-ssm', float('nan')):10.2f} | {error:7.1e}",
+                      flush=True)
 
 
 if __name__ == "__main__":

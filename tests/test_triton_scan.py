@@ -211,3 +211,27 @@ def test_token_parallel_forward_experiment_matches_the_pytorch_scan():
         out = experiment.token_parallel_forward(u, delta, A, B, C, D, bias, chunk=16)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), expected, **tolerance)
+
+
+def test_token_parallel_experiment_gradients_match_the_pytorch_scan():
+    """benchmarks/scan_token_parallel.py's scan, forward and backward: output and every gradient (u, delta, A, B,
+    C, D, delta_bias) against the exact PyTorch scan, over several chunks with a partial last one."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "scan_token_parallel", Path(__file__).parents[1] / "benchmarks" / "scan_token_parallel.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    u, delta, A, B, C, D, _, bias = random_inputs(2, 6, 4, 37, 2)
+    leaves = [u, delta, A, B, C, D, bias]
+    results = []
+    for fn in (lambda *t: scan.selective_scan(*t[:6], delta_bias=t[6], delta_softplus=True),
+               lambda *t: experiment.token_parallel_scan(*t, chunk=16, num_warps=1)):
+        out = fn(*leaves)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        results.append((out, torch.autograd.grad(out, leaves, grad_out)))
+    (expected, expected_grads), (out, grads) = results
+    torch.testing.assert_close(out, expected, **FP32)
+    for name, grad, expected_grad in zip(["u", "delta", "A", "B", "C", "D", "delta_bias"], grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, **FP32, msg=lambda m, name=name: f"d{name}: {m}")
