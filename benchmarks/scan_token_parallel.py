@@ -37,17 +37,24 @@ SETTINGS = [(1024, 4), (512, 4), (2048, 8), (1024, 8)]
 
 
 @triton.jit
-def _token_parallel_forward(u, delta, A, B, C, D, bias, out, starts, dim, groups, length, d_state, n_chunks,
-                            CHUNK: tl.constexpr):
-    """One channel of one batch element: u, delta, out (batch, dim, L) and B, C (batch, groups, N, L), tokens
-    contiguous; starts (batch, dim, n_chunks + 1, N) fp32, zero at chunk 0 (written here for the others)."""
+def _channel(D, bias, dim, groups, length, d_state, n_chunks):
+    """This program's row b * dim + d, channel d, offsets of its (batch, dim, L) row, of its group's B and C rows
+    and of its chunk states, and its D and delta_bias."""
     row = tl.program_id(0)
     b, d = row // dim, row % dim
     g = d // (dim // groups)
     x_row = row.to(tl.int64) * length
     bc_row = (b * groups + g).to(tl.int64) * d_state * length
     state_row = row.to(tl.int64) * (n_chunks + 1) * d_state
-    D_d, bias_d = tl.load(D + d), tl.load(bias + d)
+    return row, d, x_row, bc_row, state_row, tl.load(D + d), tl.load(bias + d)
+
+
+@triton.jit
+def _token_parallel_forward(u, delta, A, B, C, D, bias, out, starts, dim, groups, length, d_state, n_chunks,
+                            CHUNK: tl.constexpr):
+    """One channel of one batch element: u, delta, out (batch, dim, L) and B, C (batch, groups, N, L), tokens
+    contiguous; starts (batch, dim, n_chunks + 1, N) fp32, zero at chunk 0 (written here for the others)."""
+    row, d, x_row, bc_row, state_row, D_d, bias_d = _channel(D, bias, dim, groups, length, d_state, n_chunks)
     offsets = tl.arange(0, CHUNK)
     for c in range(n_chunks):
         tokens = c * CHUNK + offsets
@@ -78,13 +85,7 @@ def _token_parallel_backward(u, delta, A, B, C, D, bias, dout, starts, carry, du
     chunk: the next chunk's row is read while this one's is written). du, ddelta in u's layout;
     dA (batch, dim, N), dD and d(delta_bias) (batch, dim) per program; dB, dC fp32 (batch, groups, N, L), added to
     atomically by every channel of the group (as mamba-ssm's kernel does)."""
-    row = tl.program_id(0)
-    b, d = row // dim, row % dim
-    g = d // (dim // groups)
-    x_row = row.to(tl.int64) * length
-    bc_row = (b * groups + g).to(tl.int64) * d_state * length
-    state_row = row.to(tl.int64) * (n_chunks + 1) * d_state
-    D_d, bias_d = tl.load(D + d), tl.load(bias + d)
+    row, d, x_row, bc_row, state_row, D_d, bias_d = _channel(D, bias, dim, groups, length, d_state, n_chunks)
     offsets = tl.arange(0, CHUNK)
     states = tl.arange(0, BLOCK_N)
     dA_acc = tl.zeros((BLOCK_N,), tl.float32)
