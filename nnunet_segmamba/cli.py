@@ -8,7 +8,7 @@ import os
 import sys
 
 from nnunet_segmamba.tools.environment import EXT_TRAINER_ENV, ext_trainer_folders
-from nnunet_segmamba.tools.errors import INTERRUPTED, report
+from nnunet_segmamba.tools.errors import FAILURE, INTERRUPTED, report
 from nnunet_segmamba.tools.processes import stop_signals_interrupt
 
 TOOLS = {
@@ -27,10 +27,20 @@ TOOLS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nnunet-segmamba", description=__doc__)
     subparsers = parser.add_subparsers(dest="tool", required=True, metavar="tool")
-    modules = {}
+    modules, broken = {}, {}
     for name, (module_name, help_text) in TOOLS.items():
-        modules[name] = importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
-        modules[name].add_arguments(subparsers.add_parser(name, help=help_text))
+        subparser = subparsers.add_parser(name, help=help_text)
+        try:
+            modules[name] = importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
+        except ImportError as error:  # a broken dependency of one tool leaves the others, doctor first, working
+            broken[name] = error
+            continue
+        modules[name].add_arguments(subparser)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in broken:
+        return report(argv[0], f"cannot start: {broken[argv[0]]} (a dependency is missing or broken; "
+                               "`nnunet-segmamba doctor` checks them; `pip install .` in the nnunet-segmamba "
+                               "checkout installs them again, README: Install)", FAILURE)
     args = parser.parse_args(argv)
     if args.tool != "doctor":  # doctor reports the user's own setting
         # nnU-Net's trainer lookups in this process find our trainers whatever the user's shell has

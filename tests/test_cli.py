@@ -171,3 +171,20 @@ def test_our_commands_find_our_trainers_without_the_users_hook(monkeypatch):
     monkeypatch.setattr(benchmark, "main", spy)
     assert main(["benchmark", "--preset", "3d_64", "-tr", "nnUNetTrainerSegMambaV2"]) == 0
     assert seen["found"] == "nnUNetTrainerSegMambaV2"
+
+
+def test_a_tool_with_a_broken_dependency_leaves_the_others_working(nnunet_folders, monkeypatch, capsys):
+    """Without submitit (the sweep's), `env` and `doctor` still run; doctor names the broken tool, and the sweep
+    says what is wrong on stderr instead of a traceback."""
+    for name in [m for m in sys.modules if m == "submitit" or m.startswith("submitit.")
+                 or m.startswith("nnunet_segmamba.tools.sweep")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit fails
+    monkeypatch.setenv("nnUNet_extTrainer", environment.trainers_folder())
+    assert main(["env"]) == 0
+    assert main(["doctor"]) == 1
+    out, err = capsys.readouterr()
+    assert "[FAIL] tools" in out and "sweep: " in out and "submitit" in out and "problem(s): tools" in err
+    assert main(["sweep", "-d", "1", "-tr", "nnUNetTrainer"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nnunet-segmamba sweep: error: cannot start: ") and "`pip install .`" in err

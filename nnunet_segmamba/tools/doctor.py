@@ -61,6 +61,24 @@ def check_versions() -> list[Check]:
     return checks
 
 
+def check_tools() -> Check:
+    """Every tool of `nnunet-segmamba` imports (the sweep needs submitit, compare scipy and pandas, ...)."""
+    import importlib
+
+    from nnunet_segmamba.cli import TOOLS
+
+    failed = []
+    for name, (module_name, _) in TOOLS.items():
+        try:
+            importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
+        except ImportError as error:
+            failed.append(f"{name}: {error}")
+    if failed:
+        return Check("tools", "FAIL", "; ".join(failed), "`pip install .` in the nnunet-segmamba checkout installs "
+                                                         "every dependency again (README: Install)")
+    return Check("tools", "ok", f"all {len(TOOLS)} import")
+
+
 def check_gpu_and_kernels() -> list[Check]:
     import torch
 
@@ -213,7 +231,8 @@ def check_lateral_labels(dataset: str, plans_identifier: str, configuration: str
 def run_checks() -> list[Check]:
     # the trainer lookup first: nnU-Net's lookup breaks once mamba_ssm has imported transformers (see find_trainer)
     hook = check_trainer_hook()
-    return [*check_versions(), *check_gpu_and_kernels(), check_scan_backend(), check_compile(), *check_paths(), *hook]
+    return [*check_versions(), check_tools(), *check_gpu_and_kernels(), check_scan_backend(), check_compile(),
+            *check_paths(), *hook]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
