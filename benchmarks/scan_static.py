@@ -28,21 +28,22 @@ from nnunet_segmamba.mamba.triton_scan_backward import _backward_kernel
 from nnunet_segmamba.mamba.triton_scan_forward import _forward_kernel
 
 SIZES = ("dim", "groups", "per_group", "length", "d_state", "n_blocks", "seg_blocks", "channel_stride",
-         "state_stride")
+         "state_stride", "n_chunks")
 DIVISIBLE = ("dim", "per_group", "length", "channel_stride", "state_stride")
 UNIT_STRIDES = ("token_stride", "bc_token_stride")
 INPUT_DTYPE = ("u", "delta", "B", "C", "z", "out", "dout", "du", "ddelta", "dz")
 """Pointers in the inputs' dtype; the others (A, D, bias, states, partial sums) are fp32."""
 FUNCTION_BODY_INDENT = 4
-REGISTERS_PER_SM, MAX_PROGRAMS_PER_SM = 65536, 32
+REGISTERS_PER_SM, MAX_PROGRAMS_PER_SM, MAX_WARPS_PER_SM = 65536, 32, 64
 TOOLS = Path(triton.backends.nvidia.__path__[0]) / "bin"
 GROUPS = {"MUFU": ("MUFU",), "LDG": ("LDG",), "STG": ("STG",), "RED": ("RED", "ATOM"), "SHFL": ("SHFL",),
           "STS+LDS": ("STS", "LDS"), "BAR": ("BAR",), "LDL+STL": ("LDL", "STL")}
 
 
-def compile_for(kernel, constants: dict, arch: int, dtype: str, max_registers: int | None = None):
+def compile_for(kernel, constants: dict, arch: int, dtype: str, max_registers: int | None = None,
+                num_warps: int | None = None):
     """`kernel` compiled for sm_`arch` with `constants` (its constexprs), as triton_scan launches it (with
-    `max_registers`: Triton's maxnreg)."""
+    `max_registers`: Triton's maxnreg; `num_warps`: default triton_scan's)."""
     signature, attrs, constexprs = {}, {}, dict(constants)
     for index, name in enumerate(kernel.arg_names):
         if name in constants:
@@ -57,7 +58,7 @@ def compile_for(kernel, constants: dict, arch: int, dtype: str, max_registers: i
             signature[name] = "*" + (dtype if name in INPUT_DTYPE else "fp32")
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": triton_scan.NUM_WARPS, **({"maxnreg": max_registers} if max_registers else {})}
+    options = {"num_warps": num_warps or triton_scan.NUM_WARPS, **({"maxnreg": max_registers} if max_registers else {})}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
@@ -68,10 +69,11 @@ def conversions(ttgir: str) -> tuple[int, int]:
     return len(lines), sum(len(line) - len(line.lstrip()) > FUNCTION_BODY_INDENT for line in lines)
 
 
-def resident_warps(registers: int) -> int:
-    """One-warp programs an SM of sm_90 holds at `registers` per thread: 64 K registers, allocated 8 per thread
-    at a time, and at most 32 programs (thread blocks) per SM."""
-    return min(MAX_PROGRAMS_PER_SM, REGISTERS_PER_SM // (32 * -(-registers // 8) * 8))
+def resident_warps(registers: int, warps: int = 1) -> int:
+    """Warps an SM of sm_90 holds in programs of `warps` warps at `registers` per thread: 64 K registers, allocated
+    8 per thread at a time, at most 32 programs (thread blocks) and 64 warps per SM."""
+    programs = min(MAX_PROGRAMS_PER_SM, REGISTERS_PER_SM // (32 * warps * (-(-registers // 8) * 8)))
+    return min(MAX_WARPS_PER_SM, programs * warps)
 
 
 def describe(compiled) -> dict:
@@ -84,7 +86,7 @@ def describe(compiled) -> dict:
     opcodes = collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass, re.M))
     registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
     total, in_loops = conversions(compiled.asm["ttgir"])
-    row = {"regs": registers, "warps/SM": resident_warps(registers), "stack": stack,
+    row = {"regs": registers, "warps/SM": resident_warps(registers, compiled.metadata.num_warps), "stack": stack,
            "convert": total, "in-loop": in_loops, "SASS": sum(opcodes.values())}
     for group, prefixes in GROUPS.items():
         row[group] = sum(count for opcode, count in opcodes.items() if opcode.startswith(prefixes))

@@ -16,7 +16,9 @@ there are no segments. The backward (`_token_parallel_backward`) walks the chunk
 states again from the saved start, the adjoint dh_t = a_{t+1} dh_{t+1} + C_t[n] dout_t as a reverse scan, and dB,
 dC added atomically by every channel (as mamba-ssm's kernel does). Without z (our layer gates after the scan).
 
-    python3 benchmarks/scan_token_parallel.py     (GPU machine: ms per stage and pass, ours / mamba-ssm / this)
+    python3 benchmarks/scan_token_parallel.py            (GPU machine: ms per stage and pass, ours / mamba-ssm / this)
+    python3 benchmarks/scan_token_parallel.py --static   (any machine: both kernels compiled for sm_90 per setting,
+                                                         as `scan_static.py` reports ours)
 """
 
 from __future__ import annotations
@@ -230,5 +232,28 @@ def main() -> None:
                       flush=True)
 
 
+def static() -> None:
+    """Each kernel compiled for sm_90 (bf16 inputs, d_state 16) per SETTINGS: `scan_static.describe`'s row."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("scan_static", Path(__file__).with_name("scan_static.py"))
+    scan_static = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scan_static)
+    rows = {}
+    for kernel, extra in ((_token_parallel_forward, {}), (_token_parallel_backward, {"BLOCK_N": 16})):
+        for chunk, warps in SETTINGS:
+            compiled = scan_static.compile_for(kernel, {"CHUNK": chunk, **extra}, 90, "bf16", num_warps=warps)
+            name = f"{kernel.fn.__name__.removeprefix('_token_parallel_')} {chunk}/{warps}"
+            rows[name] = scan_static.describe(compiled)
+    columns = list(next(iter(rows.values())))
+    print("Token-parallel kernels for sm_90, bf16 inputs, d_state 16 (static counts)")
+    print(f"{'kernel':<18}" + "".join(f"{column:>10}" for column in columns))
+    for name, row in rows.items():
+        print(f"{name:<18}" + "".join(f"{row[column]:>10}" for column in columns))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    static() if "--static" in sys.argv[1:] else main()

@@ -235,3 +235,17 @@ def test_token_parallel_experiment_gradients_match_the_pytorch_scan():
     torch.testing.assert_close(out, expected, **FP32)
     for name, grad, expected_grad in zip(["u", "delta", "A", "B", "C", "D", "delta_bias"], grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, **FP32, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_token_parallel_experiment_compiles_for_the_h100():
+    """The experiment's kernels through Triton's real compiler for sm_90 at every setting it measures (the
+    interpreter above checks their values, not that they compile): `scan_token_parallel.py --static`."""
+    script = ("import runpy, sys; sys.argv = ['scan_token_parallel', '--static']; "
+              "runpy.run_path('benchmarks/scan_token_parallel.py', run_name='__main__')")
+    lines = compile_without_gpu(script).strip().splitlines()
+    columns = lines[1].split()
+    rows = {" ".join(line.split()[:2]): dict(zip(columns[1:], map(int, line.split()[2:]))) for line in lines[2:]}
+    assert {name.split()[0] for name in rows} == {"forward", "backward"} and len(rows) == 8
+    for name, row in rows.items():
+        assert 0 < row["regs"] <= 255 and row["warps/SM"] >= 8 and row["SHFL"] > 0, name  # scans across lanes
+        assert (row["RED"] > 0) == name.startswith("backward"), name  # dB and dC: atomic adds
