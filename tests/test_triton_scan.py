@@ -194,9 +194,7 @@ def test_static_profile_of_the_kernels_applies_register_caps_to_the_final_passes
         assert (row["RED"] > 0) == (name == "backward final"), name  # dB and dC: atomic adds
 
 
-def test_token_parallel_forward_experiment_matches_the_pytorch_scan():
-    """benchmarks/scan_token_parallel.py (the forward of a token-parallel layout, a GPU experiment): several
-    chunks, a partial last one, two groups; fp32 and bf16 inputs."""
+def token_parallel_experiment():
     import importlib.util
     from pathlib import Path
 
@@ -204,30 +202,35 @@ def test_token_parallel_forward_experiment_matches_the_pytorch_scan():
         "scan_token_parallel", Path(__file__).parents[1] / "benchmarks" / "scan_token_parallel.py")
     experiment = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(experiment)
+    return experiment
+
+
+def test_token_parallel_forward_experiment_matches_the_pytorch_scan():
+    """benchmarks/scan_token_parallel.py (a token-parallel layout, a GPU experiment), forward alone: several
+    chunks, a partial last one, two groups; fp32 and bf16 inputs."""
+    experiment = token_parallel_experiment()
     for dtype, tolerance in ((torch.float32, FP32), (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))):
-        u, delta, A, B, C, D, _, bias = (t.detach() for t in random_inputs(2, 6, 4, 37, 2, dtype))
+        u, delta, A, B, C, D, _, bias = (t.detach() for t in random_inputs(2, 8, 4, 37, 2, dtype))
         expected = scan.selective_scan(u.float(), delta.float(), A, B.float(), C.float(), D.float(),
                                        delta_bias=bias.float(), delta_softplus=True)
-        out = experiment.token_parallel_forward(u, delta, A, B, C, D, bias, chunk=16)
+        out = experiment.token_parallel_forward(u, delta, A, B, C, D, bias, (16, 1, 2))
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), expected, **tolerance)
+    with pytest.raises(ValueError, match="CHANNELS 3 must divide the 4 channels of a group"):
+        experiment.token_parallel_forward(u, delta, A, B, C, D, bias, (16, 1, 3))
 
 
-def test_token_parallel_experiment_gradients_match_the_pytorch_scan():
-    """benchmarks/scan_token_parallel.py's scan, forward and backward: output and every gradient (u, delta, A, B,
-    C, D, delta_bias) against the exact PyTorch scan, over several chunks with a partial last one."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "scan_token_parallel", Path(__file__).parents[1] / "benchmarks" / "scan_token_parallel.py")
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
-    u, delta, A, B, C, D, _, bias = random_inputs(2, 6, 4, 37, 2)
+@pytest.mark.parametrize("channels", [1, 4])
+def test_token_parallel_experiment_gradients_match_the_pytorch_scan(channels):
+    """The experiment's scan, forward and backward, one and several channels per program: output and every
+    gradient (u, delta, A, B, C, D, delta_bias) against the exact PyTorch scan, over several chunks with a partial
+    last one."""
+    experiment = token_parallel_experiment()
+    u, delta, A, B, C, D, _, bias = random_inputs(2, 8, 4, 37, 2)
     leaves = [u, delta, A, B, C, D, bias]
     results = []
     for fn in (lambda *t: scan.selective_scan(*t[:6], delta_bias=t[6], delta_softplus=True),
-               lambda *t: experiment.token_parallel_scan(*t, chunk=16, num_warps=1)):
+               lambda *t: experiment.token_parallel_scan(*t, (16, 1, channels))):
         out = fn(*leaves)
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         results.append((out, torch.autograd.grad(out, leaves, grad_out)))
@@ -245,7 +248,7 @@ def test_token_parallel_experiment_compiles_for_the_h100():
     lines = compile_without_gpu(script).strip().splitlines()
     columns = lines[1].split()
     rows = {" ".join(line.split()[:2]): dict(zip(columns[1:], map(int, line.split()[2:]))) for line in lines[2:]}
-    assert {name.split()[0] for name in rows} == {"forward", "backward"} and len(rows) == 8
+    assert {name.split()[0] for name in rows} == {"forward", "backward"} and len(rows) == 12
     for name, row in rows.items():
         assert 0 < row["regs"] <= 255 and row["warps/SM"] >= 8 and row["SHFL"] > 0, name  # scans across lanes
         assert (row["RED"] > 0) == name.startswith("backward"), name  # dB and dC: atomic adds
