@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+from types import ModuleType
 
 from nnunet_segmamba.tools.environment import EXT_TRAINER_ENV, ext_trainer_folders
 from nnunet_segmamba.tools.errors import FAILURE, INTERRUPTED, report
@@ -24,18 +25,26 @@ TOOLS = {
 }
 
 
+def import_tools() -> tuple[dict[str, ModuleType], dict[str, ImportError]]:
+    """Each tool's module, and the import error of each tool whose dependencies are missing or broken (the other
+    tools, doctor first, still work)."""
+    modules, broken = {}, {}
+    for name, (module_name, _) in TOOLS.items():
+        try:
+            modules[name] = importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
+        except ImportError as error:
+            broken[name] = error
+    return modules, broken
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nnunet-segmamba", description=__doc__)
     subparsers = parser.add_subparsers(dest="tool", required=True, metavar="tool")
-    modules, broken = {}, {}
-    for name, (module_name, help_text) in TOOLS.items():
+    modules, broken = import_tools()
+    for name, (_, help_text) in TOOLS.items():
         subparser = subparsers.add_parser(name, help=help_text)
-        try:
-            modules[name] = importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
-        except ImportError as error:  # a broken dependency of one tool leaves the others, doctor first, working
-            broken[name] = error
-            continue
-        modules[name].add_arguments(subparser)
+        if name in modules:
+            modules[name].add_arguments(subparser)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in broken:
         return report(argv[0], f"cannot start: {broken[argv[0]]} (a dependency is missing or broken; "

@@ -63,20 +63,14 @@ def check_versions() -> list[Check]:
 
 def check_tools() -> Check:
     """Every tool of `nnunet-segmamba` imports (the sweep needs submitit, compare scipy and pandas, ...)."""
-    import importlib
+    from nnunet_segmamba.cli import import_tools
 
-    from nnunet_segmamba.cli import TOOLS
-
-    failed = []
-    for name, (module_name, _) in TOOLS.items():
-        try:
-            importlib.import_module(f"nnunet_segmamba.tools.{module_name}")
-        except ImportError as error:
-            failed.append(f"{name}: {error}")
-    if failed:
-        return Check("tools", "FAIL", "; ".join(failed), "`pip install .` in the nnunet-segmamba checkout installs "
-                                                         "every dependency again (README: Install)")
-    return Check("tools", "ok", f"all {len(TOOLS)} import")
+    modules, broken = import_tools()
+    if broken:
+        return Check("tools", "FAIL", "; ".join(f"{name}: {error}" for name, error in broken.items()),
+                     "`pip install .` in the nnunet-segmamba checkout installs every dependency again "
+                     "(README: Install)")
+    return Check("tools", "ok", f"all {len(modules)} import")
 
 
 def check_gpu_and_kernels() -> list[Check]:
