@@ -45,7 +45,7 @@ class Budget:
     trainers: tuple[str, ...]
 
 
-BUDGETS = {  # times and test Dice in BENCHMARKS.md, "The demo" (gpu: its trainings, ~7.5 minutes in all on an H100)
+BUDGETS = {  # times and test Dice in BENCHMARKS.md, "The demo" (gpu: 411 s in all on an H200)
     "cpu": Budget("demo", cases=12, test_cases=4, epochs=10, iterations=60, trainers=TRAINERS[:2]),
     "gpu": Budget("demo", cases=20, test_cases=5, epochs=12, iterations=50, trainers=TRAINERS),
 }
