@@ -3,11 +3,15 @@
 gathering copies, side by side in one run.
 
   benchmarks/orders_variants.py layer [eager]   Mamba layer fwd+bwd at a 128^3 plan's stages, eager [and compiled]
+  benchmarks/orders_variants.py network [TRAINER ...] [--variants V ...] [--preset P]
+                                               compiled training steps of whole networks, one row per variant
 
-Variants of the triton backend: in-place (as shipped eager), gather (copies + ATen conv1d, as before the in-place
-kernels), gather-shifted (copies + the conv1d as shifted multiply-adds, which inductor fuses: as shipped compiled).
+Variants of the triton backend: in-place (the kernels of `triton_orders`; shipped eager, here also compiled),
+gather (copies + ATen conv1d, as before the in-place kernels), gather-shifted (copies + the conv1d as shifted
+multiply-adds, which inductor fuses: shipped compiled).
 """
 
+import argparse
 import dataclasses
 import statistics
 import sys
@@ -24,12 +28,24 @@ each plane row also with one order."""
 ORDERS = {"plane": plane_orders(3), "tom": tom_orders(3), "one": (raster_order(3),)}
 
 
+@dataclasses.dataclass(frozen=True)
+class InPlaceAlways(backends.ScanOps):
+    """The triton backend with its in-place order kernels also under torch.compile (shipped: eager only)."""
+
+    def conv_in_orders(self, x, grid, orders, weight, bias):
+        return self.ordered_conv1d_silu(x, grid, orders, weight, bias)
+
+    def sum_orders(self, y, grid, orders):
+        return self.sum_over_orders(y, grid, orders)
+
+
 def variants(device):
     shipped, reason = backends.GPU_OPS["triton"](device.index or 0)
     assert shipped is not None, reason
     gather = dataclasses.replace(shipped, ordered_conv1d_silu=None, sum_over_orders=None,
                                  conv1d_silu=backends.conv1d_silu_torch)
-    return {"in-place": shipped, "gather": gather,
+    in_place = InPlaceAlways(**{field.name: getattr(shipped, field.name) for field in dataclasses.fields(shipped)})
+    return {"in-place": in_place, "gather": gather,
             "gather-shifted": dataclasses.replace(gather, conv1d_silu=backends.conv1d_silu_shifted)}
 
 
@@ -99,6 +115,57 @@ def layer(modes):
               f"{ratio:7.2f}x {first:6.1f}")
 
 
+def network(trainers, names, preset="3d_128"):
+    """Each trainer's network at `preset` (nnU-Net's default batch, 4 -> 4 channels, fp16 autocast), its training
+    step compiled on the triton backend once per variant of `names` (in this order, a name may repeat): step ms,
+    peak GiB, compile s and the CUDA kernels' ms per step by category (`benchmark --profile`'s)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_segmamba.tools.benchmark.compiled import compiled_training
+    from nnunet_segmamba.tools.benchmark.configurations import preset_plans
+    from nnunet_segmamba.tools.benchmark.timing import training_step
+    from nnunet_segmamba.tools.environment import find_trainer
+
+    device = torch.device("cuda")
+    ops = variants(device)
+    manager = PlansManager(preset_plans(preset, 4))
+    configuration = manager.get_configuration(preset)
+    print(f"Compiled training steps, {preset}, batch {configuration.batch_size}, fp16 autocast, "
+          f"{torch.cuda.get_device_name(device)}; kernels: CUDA kernels' ms per step by category")
+    for trainer in trainers:
+        net = find_trainer(trainer).build_network_architecture(manager, configuration, 4, 4, True).to(device)
+        generator = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(configuration.batch_size, 4, *configuration.patch_size, device=device, generator=generator)
+        with torch.no_grad():
+            shapes = [o.shape for o in net(x[:1])]
+        targets = [torch.randint(0, 4, (x.shape[0], *shape[2:]), device=device, generator=generator)
+                   for shape in shapes]
+        for name in names:
+            use(ops[name])
+            result = compiled_training(lambda n: training_step(n, x, targets, device, torch.float16), net, device,
+                                       warmup=3, repeats=10, backend="triton", profile=True)
+            if "error" in result:
+                print(f"{trainer} {name}: {result['error']}", flush=True)
+                continue
+            profile = result["profile"]
+            categories = " ".join(f"{category} {ms:.1f}" for category, ms in sorted(
+                profile["categories"].items(), key=lambda item: -item[1]))
+            print(f"{trainer} {name}: step {result['step_ms']:.1f} ms, peak {result['peak_gib']:.2f} GiB, compile "
+                  f"{result['compile_s']:.0f} s, graph breaks {result['graph_breaks']}; kernels "
+                  f"{profile['total_ms']:.1f} ms: {categories}", flush=True)
+        del net
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    assert sys.argv[1] == "layer", __doc__
-    layer(sys.argv[2:] or ["eager", "compiled"])
+    if sys.argv[1:2] == ["network"]:
+        parser = argparse.ArgumentParser(prog="orders_variants.py network")
+        parser.add_argument("trainers", nargs="*", default=["nnUNetTrainerSegMamba"])
+        parser.add_argument("--variants", nargs="+", default=["gather-shifted", "in-place", "gather-shifted"],
+                            choices=("in-place", "gather", "gather-shifted"))
+        parser.add_argument("--preset", default="3d_128")
+        args = parser.parse_args(sys.argv[2:])
+        network(args.trainers, args.variants, args.preset)
+    else:
+        assert sys.argv[1] == "layer", __doc__
+        layer(sys.argv[2:] or ["eager", "compiled"])

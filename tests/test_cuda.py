@@ -234,3 +234,31 @@ def test_triton_backend_convolves_by_shifted_multiply_adds_when_compiled():
     ops, reason = backends.GPU_OPS["triton"](0)
     assert ops is not None, reason
     assert ops.conv1d_silu is backends.conv1d_silu_shifted and ops.ordered_conv1d_silu is not None
+
+
+def test_in_place_order_kernels_compile_to_the_eager_layer():
+    """`benchmarks/orders_variants.py`'s in-place variant, whose order kernels also run under torch.compile (its
+    `network` A/B of whole compiled steps): the compiled layer's output and gradients equal the eager layer's."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("orders_variants",
+                                                  Path(__file__).parents[1] / "benchmarks" / "orders_variants.py")
+    orders_variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(orders_variants)
+    saved = backends.GPU_OPS["triton"]
+    try:
+        orders_variants.use(orders_variants.variants(CUDA)["in-place"])
+        torch.manual_seed(0)
+        layer = Mamba(32, orders=plane_orders(3), backend="triton").to(CUDA)
+        x = torch.randn(2, 8 * 8 * 8, 32, device=CUDA, requires_grad=True)
+        results = []
+        for run in (layer, torch.compile(layer, dynamic=False)):
+            out = run(x, (8, 8, 8))
+            results.append([out, *torch.autograd.grad(out.square().sum(), [x, layer.conv1d.weight])])
+        for eager, compiled in zip(*results):
+            assert relative(compiled, eager) < 1e-4
+    finally:
+        backends.GPU_OPS["triton"] = saved
+        backends._CHOSEN.clear()
+        torch._dynamo.reset()
