@@ -239,6 +239,7 @@ def test_triton_backend_convolves_by_shifted_multiply_adds_when_compiled():
 def test_in_place_order_kernels_compile_to_the_eager_layer():
     """`benchmarks/orders_variants.py`'s in-place variant, whose order kernels also run under torch.compile (its
     `network` A/B of whole compiled steps): the compiled layer's output and gradients equal the eager layer's."""
+    import dataclasses
     import importlib.util
     from pathlib import Path
 
@@ -247,8 +248,15 @@ def test_in_place_order_kernels_compile_to_the_eager_layer():
     orders_variants = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(orders_variants)
     saved = backends.GPU_OPS["triton"]
+    in_place = orders_variants.variants(CUDA)["in-place"]
+    calls = []
+
+    def counted(*args):
+        calls.append(torch.compiler.is_compiling())
+        return in_place.ordered_conv1d_silu(*args)
+
     try:
-        orders_variants.use(orders_variants.variants(CUDA)["in-place"])
+        orders_variants.use(dataclasses.replace(in_place, ordered_conv1d_silu=counted))
         torch.manual_seed(0)
         layer = Mamba(32, orders=plane_orders(3), backend="triton").to(CUDA)
         x = torch.randn(2, 8 * 8 * 8, 32, device=CUDA, requires_grad=True)
@@ -256,6 +264,7 @@ def test_in_place_order_kernels_compile_to_the_eager_layer():
         for run in (layer, torch.compile(layer, dynamic=False)):
             out = run(x, (8, 8, 8))
             results.append([out, *torch.autograd.grad(out.square().sum(), [x, layer.conv1d.weight])])
+        assert True in calls  # traced into the compiled graph, not the copies of the shipped compiled path
         for eager, compiled in zip(*results):
             assert relative(compiled, eager) < 1e-4
     finally:
