@@ -123,7 +123,7 @@ def network(trainers, names, preset="3d_128"):
 
     from nnunet_segmamba.tools.benchmark.compiled import compiled_training
     from nnunet_segmamba.tools.benchmark.configurations import preset_plans
-    from nnunet_segmamba.tools.benchmark.timing import training_step
+    from nnunet_segmamba.tools.benchmark.timing import random_batch, training_step
     from nnunet_segmamba.tools.environment import find_trainer
 
     device = torch.device("cuda")
@@ -134,12 +134,7 @@ def network(trainers, names, preset="3d_128"):
           f"{torch.cuda.get_device_name(device)}; kernels: CUDA kernels' ms per step by category")
     for trainer in trainers:
         net = find_trainer(trainer).build_network_architecture(manager, configuration, 4, 4, True).to(device)
-        generator = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(configuration.batch_size, 4, *configuration.patch_size, device=device, generator=generator)
-        with torch.no_grad():
-            shapes = [o.shape for o in net(x[:1])]
-        targets = [torch.randint(0, 4, (x.shape[0], *shape[2:]), device=device, generator=generator)
-                   for shape in shapes]
+        x, targets = random_batch(net, configuration.batch_size, 4, configuration.patch_size, 4, device)
         for name in names:
             use(ops[name])
             result = compiled_training(lambda n: training_step(n, x, targets, device, torch.float16), net, device,

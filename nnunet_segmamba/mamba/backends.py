@@ -87,8 +87,10 @@ def conv1d_silu_torch(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def conv1d_silu_shifted(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`conv1d_silu_torch` as K shifted multiply-adds in fp32, y_t = SiLU(bias + sum_j w_j x_{t-K+1+j}), in x's
     dtype: under torch.compile inductor fuses it with the gathers before it into one kernel, where ATen's depthwise
-    conv1d stays a cuDNN call of its own (compiled layer 1-37% faster, BENCHMARKS.md, "The Mamba layer: token orders
-    in place vs copies", gather-shifted)."""
+    conv1d stays a cuDNN call of its own. The compiled layer alone ran 1-37% faster (BENCHMARKS.md, "The Mamba
+    layer: token orders in place vs copies", gather-shifted), whole compiled networks not (within 2%, "Tried and
+    rejected" 11), and its backward costs 1.36 ms at 32^3 tokens ("The Mamba layer's kernels per backend"): the
+    in-place order kernels under compile are the alternative being measured (`benchmarks/orders_variants.py`)."""
     length, taps = x.shape[-1], weight.shape[-1]
     padded = F.pad(x.float(), (taps - 1, 0))
     w = weight.float()[:, 0]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from nnunet_segmamba.tools.benchmark.compiled import compiled_training
 from nnunet_segmamba.tools.benchmark.profiling import profile_training
-from nnunet_segmamba.tools.benchmark.timing import autocast, median_timer, peak_gib, training_step
+from nnunet_segmamba.tools.benchmark.timing import autocast, median_timer, peak_gib, random_batch, training_step
 
 if TYPE_CHECKING:
     import torch
@@ -46,11 +46,7 @@ def benchmark_network(trainer_name: str, network: torch.nn.Module, patch_size: l
 
     network = network.to(device)
     dtype = getattr(torch, AMP[amp]) if AMP[amp] else None
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch_size, in_channels, *patch_size, device=device, generator=generator)
-    with torch.no_grad():
-        shapes = [o.shape for o in network(x[:1])]
-    targets = [torch.randint(0, num_classes, (batch_size, *s[2:]), device=device, generator=generator) for s in shapes]
+    x, targets = random_batch(network, batch_size, in_channels, patch_size, num_classes, device)
 
     def make_step(net):
         return training_step(net, x, targets, device, dtype)

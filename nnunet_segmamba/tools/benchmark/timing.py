@@ -69,6 +69,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
+def random_batch(network: torch.nn.Module, batch_size: int, in_channels: int, patch_size: list[int],
+                 num_classes: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A seeded random input (batch_size, in_channels, *patch_size) and label maps at the resolution of each of
+    `network`'s (deep-supervised) outputs, for `training_step`."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch_size, in_channels, *patch_size, device=device, generator=generator)
+    with torch.no_grad():
+        shapes = [o.shape for o in network(x[:1])]
+    targets = [torch.randint(0, num_classes, (batch_size, *s[2:]), device=device, generator=generator) for s in shapes]
+    return x, targets
+
+
 def training_step(network: torch.nn.Module, x: torch.Tensor, targets: list, device: torch.device,
                   dtype: torch.dtype | None) -> Callable[[], None]:
     """One training step of `network` on `x`: forward, deep-supervised cross-entropy, backward, SGD step, under
