@@ -156,3 +156,39 @@ def test_default_is_a_plain_sequence_layer():
     assert layer.orders == (raster_order(1),) == (TokenOrder((0,)),)
     out = layer(torch.randn(3, 17, 8))
     assert out.shape == (3, 17, 8)
+
+
+
+def test_scan_inputs_are_not_copied_on_the_way(monkeypatch):
+    """delta reaches the scan as the projection's result, (batch, K*inner, L) tokens contiguous, the layout the
+    kernels read: no copy of a tensor that size between the conv1d and the scan (einsum's permuted result cost
+    one, and its gradient another)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nnunet_segmamba.mamba import backends, layer as layer_module
+
+    class FullSizeCopies(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.copies, self.scanned = numel, [], False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            copying = func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default)
+            if copying and not self.scanned and out.numel() == self.numel:
+                self.copies.append(str(func))
+            return out
+
+    def scan(u, delta, *args, **kwargs):
+        mode.scanned = True
+        assert delta.is_contiguous() and delta.shape == u.shape
+        return backends.TORCH_OPS.selective_scan(u, delta, *args, **kwargs)
+
+    ops = backends.ScanOps("recording", "the PyTorch scan after a check of its inputs",
+                           backends.conv1d_silu_torch, scan)
+    monkeypatch.setattr(layer_module, "scan_ops", lambda device, backend=None: ops)
+    layer = Mamba(32, orders=tom_orders(3))
+    mode = FullSizeCopies(2 * 3 * layer.d_inner * 60)
+    with mode:
+        layer(torch.randn(2, 60, 32), (3, 4, 5))
+    assert mode.scanned and mode.copies == []

@@ -78,11 +78,11 @@ class Mamba(nn.Module):
         x, z = self.in_proj(tokens).chunk(2, dim=-1)
         u = ops.conv_in_orders(x, grid, self.orders, self.conv1d.weight, self.conv1d.bias)  # (B, K*inner, L)
 
-        projected = torch.einsum(
-            "bkdl,kcd->bkcl", u.view(batch, k, inner, length), self.x_proj.weight.view(k, rank + 2 * n, inner)
-        )
+        # Per order k, x_proj_k @ u_k and dt_proj_k @ dt_low_k as matmuls batched over (batch, k): their results
+        # come out (batch, k, rows, L), tokens contiguous, the scan's layout (einsum's are permuted: a copy each).
+        projected = torch.matmul(self.x_proj.weight.view(k, rank + 2 * n, inner), u.view(batch, k, inner, length))
         dt_low, B, C = projected.split([rank, n, n], dim=2)
-        dt = torch.einsum("bkrl,kdr->bkdl", dt_low, self.dt_proj.weight.view(k, inner, rank))
+        dt = torch.matmul(self.dt_proj.weight.view(k, inner, rank), dt_low)
         y = ops.selective_scan(
             u, dt.reshape(batch, k * inner, length), -torch.exp(self.A_log.float()), B.contiguous(),
             C.contiguous(), self.D.float(), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
