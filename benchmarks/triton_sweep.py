@@ -9,13 +9,15 @@ import torch
 from nnunet_segmamba.mamba import triton_scan
 from nnunet_segmamba.tools.scan_benchmark import _relative, gpu_scans, scan_bandwidth
 
-SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, TILE, TILES, BLOCK_D), `triton_scan_tiles.py`'s constants as
-    # `triton_scan` launches with them; the first and last: the defaults (the run's drift). Edit to try others; the
-    # latest sweeps: BENCHMARKS.md, "Triton scan launch settings".
-    (16, 1, 2, 16, 16), (16, 1, 4, 16, 16), (16, 1, 2, 8, 16), (8, 1, 2, 16, 16), (16, 1, 2, 16, 16),
+SETTINGS = [  # (PROGRAMS_PER_SM, NUM_WARPS, TILE, TILES, BLOCK_D, MIN_SEGMENT_BLOCKS), `triton_scan_tiles.py`'s
+    # constants as `triton_scan` launches with them; the first and last: the defaults (the run's drift). Edit to try
+    # others; the latest sweeps: BENCHMARKS.md, "Triton scan launch settings". Longer least segments: fewer launches
+    # where the sequence is short (16: none at 8^3 tokens, 4 launches fewer per forward + backward).
+    (16, 1, 2, 16, 16, 2), (16, 1, 4, 16, 16, 2), (16, 1, 2, 8, 16, 2), (8, 1, 2, 16, 16, 2), (16, 1, 2, 16, 16, 16),
+    (16, 1, 2, 16, 16, 64), (16, 1, 2, 16, 16, 2),
 ]
-NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "TILE", "TILES", "BLOCK_D")
-LABELS = ("pps", "warps", "tile", "tiles", "bd")
+NAMES = ("PROGRAMS_PER_SM", "NUM_WARPS", "TILE", "TILES", "BLOCK_D", "MIN_SEGMENT_BLOCKS")
+LABELS = ("pps", "warps", "tile", "tiles", "bd", "minseg")
 assert all(hasattr(triton_scan, name) for name in NAMES), "triton_scan no longer launches with these constants"
 
 device = torch.device("cuda")
