@@ -123,10 +123,11 @@ def network(trainers, names, preset="3d_128"):
 
     from nnunet_segmamba.tools.benchmark.compiled import compiled_training
     from nnunet_segmamba.tools.benchmark.configurations import preset_plans
-    from nnunet_segmamba.tools.benchmark.timing import random_batch, training_step
+    from nnunet_segmamba.tools.benchmark.timing import cudnn_as_nnunet, random_batch, training_step
     from nnunet_segmamba.tools.environment import find_trainer
 
     device = torch.device("cuda")
+    cudnn_as_nnunet()
     ops = variants(device)
     manager = PlansManager(preset_plans(preset, 4))
     configuration = manager.get_configuration(preset)

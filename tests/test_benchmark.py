@@ -148,6 +148,18 @@ def test_compile_table_shows_errors_and_graph_breaks():
     assert table[4] == "graph breaks of A: Data-dependent branching"
 
 
+def test_every_row_runs_on_the_cudnn_settings_of_nnunets_commands(tmp_path, monkeypatch):
+    """nnUNetv2_train and nnUNetv2_predict autotune cuDNN; so does the benchmark, from its first row (nnU-Net's
+    predictor, created by --predict-volume after the first network, would otherwise switch it on midway)."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    plans = tiny_plans_file(tmp_path, patch=16, features=(4, 8))
+    code = main(["benchmark", "--plans-file", str(plans), "-tr", "nnUNetTrainer", "--device", "cpu", "--amp", "fp32",
+                 "--warmup", "1", "--repeats", "1", "--in-channels", "1", "--num-classes", "2"])
+    assert code == 0
+    assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+
+
 def test_profile_and_compile_on_cpu(tmp_path, capsys):
     output = tmp_path / "result.json"
     plans = tiny_plans_file(tmp_path, patch=16, features=(4, 8))  # two stages: a short compilation

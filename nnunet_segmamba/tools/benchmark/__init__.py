@@ -4,7 +4,8 @@ For each trainer, its network (built by the trainer's own `build_network_archite
 configuration's patch and batch size: parameters, forward GFLOPs (convolutions and matrix products, as
 torch's FlopCounterMode counts them; the scan's elementwise work is not included), training-step time
 (forward, deep-supervised cross-entropy, backward, SGD step, under autocast), peak memory of that step,
-and inference time of one patch. Median over repeats after warm-up; GPU times with CUDA events.
+and inference time of one patch. Median over repeats after warm-up; GPU times with CUDA events; cuDNN autotuned,
+as `nnUNetv2_train` and `nnUNetv2_predict` run it.
 
 `--profile` adds, per network, where a training step's time goes: torch.profiler over a few steps after the
 timed ones, device time of the CUDA kernels (self CPU time of the ops on the CPU) per category (scan,
@@ -34,7 +35,7 @@ from nnunet_segmamba.tools.benchmark.configurations import (PRESETS, RESENC_ROW,
 from nnunet_segmamba.tools.benchmark.network import AMP, Result, benchmark_network
 from nnunet_segmamba.tools.benchmark.profiling import PROFILE_STEPS, TOP_KERNELS
 from nnunet_segmamba.tools.benchmark.report import print_tables, results_json, table_header, table_row
-from nnunet_segmamba.tools.benchmark.timing import predict_volume_seconds
+from nnunet_segmamba.tools.benchmark.timing import cudnn_as_nnunet, predict_volume_seconds
 from nnunet_segmamba.tools.errors import FAILURE, INTERRUPTED, report
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ def main(args: argparse.Namespace) -> int:
     except BenchmarkError as error:
         return report("benchmark", str(error))
     device, volume = setup.device, bool(args.predict_volume)
+    cudnn_as_nnunet()
     print(f"{setup.configuration_name}: patch {setup.configuration.patch_size}, batch {setup.batch_size}, "
           f"{setup.in_channels} -> {setup.num_classes} channels, autocast {args.amp}, {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}")

@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 
+def cudnn_as_nnunet() -> None:
+    """cuDNN as `nnUNetv2_train` and `nnUNetv2_predict` set it on CUDA: autotuned convolution algorithms (benchmark
+    on), not deterministic (no effect off CUDA). Set before the first network is measured: nnU-Net's predictor turns
+    benchmark on when created, so without this the rows before the first --predict-volume would run on cuDNN's
+    heuristics and the later ones autotuned."""
+    import torch
+
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.deterministic = False
+
+
 def synchronize(device: torch.device) -> None:
     """Waits for `device`'s queued work (a no-op on the CPU)."""
     import torch
