@@ -136,3 +136,22 @@ def test_compiled_layers_gather_the_orders_instead(monkeypatch):
     compiled = torch.compile(mamba, backend="eager")(tokens, grid)
     assert calls == ["ordered_conv1d_silu", "sum_over_orders"]
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_launch_overhead_experiment_launches_what_it_times():
+    """benchmarks/launch_overhead.py (a GPU experiment) times launches of these kernels: each row's launch runs
+    with the arguments the kernels take now, and the order kernel's one gathers the order it claims."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "launch_overhead", Path(__file__).parents[1] / "benchmarks" / "launch_overhead.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    rows, x, tokens, gathered = experiment.launches(torch.device(DEVICE))
+    written = []
+    for launch in rows.values():
+        launch()
+        written.append(x[0].item())
+    assert written == [1, 1 + 2, 1 + 24, 1 + 24] and x.tolist() == [25] * 64  # add_(1); a + b; a0 + a23; no x
+    torch.testing.assert_close(gathered, tom_orders(3)[2].gather(tokens.reshape(1, 4, 4, 4, 16)))
