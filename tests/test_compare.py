@@ -185,6 +185,19 @@ def test_missing_fold_dataset_and_files_reported(compared: tuple) -> None:
     assert len(per_case) == rows - CASES_PER_FOLD  # the missing fold's cases, one class each
 
 
+def test_a_summary_cut_off_while_written_is_reported_not_read(tree: dict, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """A fold whose training stopped while nnU-Net wrote its validation summary (an empty file) is a gap with what
+    to do, and the table is over the other folds."""
+    summary = (Path(os.environ["nnUNet_results"]) / "Dataset501_Alpha" / f"TrainerA__{PLANS_CONFIG}" / "fold_1" /
+               "validation" / "summary.json")
+    summary.write_text("")
+    code, output = run_compare(tmp_path)
+    printed = capsys.readouterr().out
+    assert code == 0 and "fold 1's validation/summary.json is incomplete" in printed and "--val" in printed
+    assert overview_row(output, "Dataset501_Alpha", "TrainerA")["folds"] == len(FOLDS) - 1
+
+
 def test_errors_exit_2_without_outputs(tree: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     cases = [

@@ -10,8 +10,9 @@ import pytest
 
 from nnunet_segmamba.datasets.raw import write_raw_dataset
 from nnunet_segmamba.datasets.tasks import task_from_preset
-from nnunet_segmamba.tools.fold_results import (DATA_FINGERPRINT, MergeError, data_fingerprint, keep_results,
-                                                merge_results, pack, write_data_fingerprint)
+from nnunet_segmamba.tools.fold_results import (DATA_FINGERPRINT, MergeError, data_fingerprint, fold_has_results,
+                                                keep_results, merge_results, pack, read_summary,
+                                                write_data_fingerprint)
 from nnunet_segmamba.tools.sweep_jobs import LOCK, fold_state
 
 MODEL = "Dataset901_A/nnUNetTrainer__nnUNetPlans__3d_fullres"
@@ -47,6 +48,18 @@ def test_fold_state_without_summary(tmp_path):
     folder.mkdir()
     (folder / "checkpoint_final.pth").touch()  # trained, not validated: --c validates it
     assert fold_state(folder) == "interrupted"
+
+
+@pytest.mark.parametrize("written", ["", '{"foreground_mean": {"Dice": 0.9}, "metric_per_'])
+def test_a_summary_cut_off_while_written_is_no_result(tmp_path, written):
+    """nnU-Net writes validation/summary.json in place: a training stopped meanwhile leaves it empty or cut off. Such
+    a fold is not finished (a sweep validates it again with --c), and neither packed nor compared."""
+    folder = trained_fold(tmp_path, summary=written)
+    assert not fold_has_results(folder) and read_summary(folder) is None
+    assert fold_state(folder) == "interrupted"  # checkpoint_final.pth is there: --c validates it
+    assert pack(tmp_path, [folder], tmp_path / "results.tar.gz") == 0
+    (folder / "validation" / "summary.json").write_text('{"foreground_mean": {"Dice": 0.9}}')
+    assert fold_has_results(folder) and fold_state(folder) == "finished"
 
 
 def test_archive_round_trip_merges_into_an_empty_folder_and_again_adds_nothing(tmp_path):

@@ -65,8 +65,19 @@ def keep_results(fold: Path) -> int:
     return freed
 
 
+def read_summary(fold: Path) -> dict | None:
+    """The fold's validation/summary.json as nnU-Net wrote it; None where there is none, or where it is incomplete
+    (nnU-Net writes it in place: a training stopped while writing it leaves an empty or cut-off file)."""
+    try:
+        summary = json.loads((fold / "validation" / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def fold_has_results(fold: Path) -> bool:
-    return (fold / "validation" / "summary.json").is_file()
+    """Whether the fold was validated to the end: a complete validation summary (`read_summary`)."""
+    return read_summary(fold) is not None
 
 
 def result_files(root: Path, folds: list[Path], plots: bool = True) -> list[Path]:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from nnunet_segmamba.tools.fold_results import fold_has_results
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -154,18 +157,22 @@ def collect_method(dataset: str, method: Method, folds: list[str]) -> tuple[list
 
     folder = model_folder(dataset, method)
     summaries = {fold: os.path.join(folder, f"fold_{fold}", "validation", "summary.json") for fold in folds}
-    found = [fold for fold in folds if os.path.isfile(summaries[fold])]
+    found = [fold for fold in folds if fold_has_results(Path(folder) / f"fold_{fold}")]
+    incomplete = [fold for fold in folds if fold not in found and os.path.isfile(summaries[fold])]
     rows = [row for fold in found for row in case_rows(load_summary_json(summaries[fold]), split="cv",
                                                        dataset=dataset, method=method.name, fold=fold)]
+    gaps = [Gap("cv", dataset, method.name, f"fold {fold}'s validation/summary.json is incomplete (its training "
+                                            f"stopped while writing it): validate it again (nnUNetv2_train ... "
+                                            f"--val, or --c while its checkpoints are there)") for fold in incomplete]
     if not found:
         reason = "no fold has validation/summary.json" if os.path.isdir(folder) else f"not trained (no {folder})"
-        return rows, [Gap("cv", dataset, method.name, reason)]
+        return rows, gaps + [Gap("cv", dataset, method.name, reason)]
     missing = [fold for fold in folds if fold not in found]
     if missing:
-        return rows, [Gap("cv", dataset, method.name,
-                          f"fold {', '.join(missing)} missing (no fold_<k>/validation/summary.json): "
-                          f"its numbers are over {len(found)} of {len(folds)} folds")]
-    return rows, []
+        gaps.append(Gap("cv", dataset, method.name,
+                        f"fold {', '.join(missing)} missing (no fold_<k>/validation/summary.json): "
+                        f"its numbers are over {len(found)} of {len(folds)} folds"))
+    return rows, gaps
 
 
 def collect_cross_validation(datasets: list[str], methods: list[Method],
