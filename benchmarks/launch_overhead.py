@@ -23,6 +23,7 @@ import triton.language as tl
 from nnunet_segmamba.mamba import Mamba, tom_orders
 from nnunet_segmamba.mamba.backends import GPU_OPS
 from nnunet_segmamba.mamba.triton_orders import BLOCKS, _into_order_kernel, _launch_grid, _walks
+from nnunet_segmamba.tools.scan_benchmark import _median_ms
 
 CALLS, REPEATS = 200, 7
 
@@ -58,15 +59,7 @@ def layer_ms(layer, x, grid) -> tuple[float, float]:
     def step():
         layer(x, grid).sum().backward()
 
-    host = host_us(step) / 1000
-    walls = []
-    for _ in range(3 * REPEATS):
-        torch.cuda.synchronize()
-        begin = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        walls.append((time.perf_counter() - begin) * 1000)
-    return host, statistics.median(walls[REPEATS:])
+    return host_us(step) / 1000, _median_ms(step, torch.device("cuda"), REPEATS, 2 * REPEATS)
 
 
 def launches(device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:

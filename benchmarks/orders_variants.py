@@ -44,7 +44,7 @@ def variants(device):
     assert shipped is not None, reason
     gather = dataclasses.replace(shipped, ordered_conv1d_silu=None, sum_over_orders=None,
                                  conv1d_silu=backends.conv1d_silu_torch)
-    in_place = InPlaceAlways(**{field.name: getattr(shipped, field.name) for field in dataclasses.fields(shipped)})
+    in_place = InPlaceAlways(**vars(shipped))
     return {"in-place": in_place, "gather": gather,
             "gather-shifted": dataclasses.replace(gather, conv1d_silu=backends.conv1d_silu_shifted)}
 
