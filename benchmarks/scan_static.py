@@ -103,11 +103,11 @@ def main() -> None:
     args = parser.parse_args()
     shared = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, TILE=triton_scan.TILE,
                   TILES=triton_scan.TILES, BLOCK_D=triton_scan.BLOCK_D, BLOCK_N=16)
-    kernels = (("forward", _forward_kernel, args.max_registers[0]),
-               ("backward", _backward_kernel, args.max_registers[1]))
-    rows = {f"{name} {mode}": describe(compile_for(kernel, {**shared, "SUMMARY": mode == "summary"}, args.arch,
-                                                    args.dtype, cap if mode == "final" else None))
-            for name, kernel, cap in kernels for mode in ("summary", "final")}
+    kernels = (("forward", _forward_kernel, {"STARTS": True}, args.max_registers[0]),  # a training step's
+               ("backward", _backward_kernel, {}, args.max_registers[1]))
+    rows = {f"{name} {mode}": describe(compile_for(kernel, {**shared, **own, "SUMMARY": mode == "summary"},
+                                                    args.arch, args.dtype, cap if mode == "final" else None))
+            for name, kernel, own, cap in kernels for mode in ("summary", "final")}
     columns = list(next(iter(rows.values())))
     print(f"Triton scan kernels for sm_{args.arch}, {args.dtype} inputs, TILE {triton_scan.TILE}, BLOCK_D "
           f"{triton_scan.BLOCK_D}, d_state 16, {triton_scan.NUM_WARPS} warp(s) per program, register caps "

@@ -110,6 +110,35 @@ def test_segments_scanned_in_parallel(monkeypatch, groups, options):
     compare(tensors, options, FP32)
 
 
+def test_a_forward_without_backward_keeps_no_checkpoints(monkeypatch):
+    """Inference (nnUNetv2_predict runs without grad), or inputs that need no gradient: the final pass writes no
+    block start states (as many bytes as u in fp16) and gives the training forward's output bit for bit; with
+    segments, so the summary pass runs too."""
+    monkeypatch.setattr(triton_scan, "TILE", 4)
+    monkeypatch.setattr(triton_scan, "TILES", 4)
+    monkeypatch.setattr(triton_scan, "MIN_SEGMENT_BLOCKS", 3)
+    monkeypatch.setattr(triton_scan, "PROGRAMS_PER_SM", 64)
+    kernel, launches = triton_scan._forward_kernel, []
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["SUMMARY"], kwargs["STARTS"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_scan, "_forward_kernel", Recorded())
+    tensors = random_inputs(2, 8, 4, 155, 2)
+    outputs = []
+    for grad_mode, inputs in ((True, tensors), (False, tensors), (True, [t.detach() for t in tensors])):
+        launches.clear()
+        with torch.set_grad_enabled(grad_mode):
+            outputs.append(triton_scan.triton_selective_scan(*inputs, delta_softplus=True))
+        assert launches == [(True, False), (False, inputs is tensors and grad_mode)], (grad_mode, launches)
+    assert outputs[0].requires_grad and not outputs[1].requires_grad and not outputs[2].requires_grad
+    assert torch.equal(outputs[1], outputs[0].detach()) and torch.equal(outputs[2], outputs[1])
+
+
 def test_token_major_inputs_run_without_copies():
     """(batch, dim, L) views of (batch, L, dim) tensors, and B, C likewise: same results, and the output and the
     gradients keep that layout (the kernels read and write it through strides)."""
@@ -155,11 +184,12 @@ def build(kernel, constexprs, integers):
         shuffles[kernel.__name__] = max(shuffles.get(kernel.__name__, 0), compiled.asm["ptx"].count("shfl.sync"))
 
 
-for kernel in (triton_scan._forward_kernel, triton_scan._backward_kernel):
+for kernel, starts in ((triton_scan._forward_kernel, dict(STARTS=True)), (triton_scan._forward_kernel,
+                       dict(STARTS=False)), (triton_scan._backward_kernel, {})):
     for summary in (True, False):
         for flags in (True, False):
             build(kernel, dict(SUMMARY=summary, HAS_D=flags, HAS_Z=flags, HAS_BIAS=flags, SOFTPLUS=flags,
-                                 **blocks), {*sizes, *strides})
+                                 **starts, **blocks), {*sizes, *strides})
 for reverse in (True, False):
     build(triton_scan._carry_kernel, dict(REVERSE=reverse, BLOCK_D=blocks["BLOCK_D"], BLOCK_N=blocks["BLOCK_N"]),
             {"dim", "d_state", "n_segments"})

@@ -94,24 +94,24 @@ class _TritonSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+                z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, for_backward: bool) -> Tensor:
         grid, sizes = _launch_config(u, A, B)
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                      SOFTPLUS=delta_softplus)
         batch, dim, _ = u.shape
         f32 = dict(dtype=torch.float32, device=u.device)
         out = torch.empty_like(u)
-        starts = torch.empty(batch, dim, sizes["n_blocks"], A.shape[1], **f32)
+        starts = torch.empty(batch, dim, sizes["n_blocks"], A.shape[1], **f32) if for_backward else None
         seg_state = torch.zeros(batch, dim, grid[2], A.shape[1], **f32)
         seg_dt = torch.zeros(batch, dim, grid[2], **f32)
         inputs = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-                  delta_bias if delta_bias is not None else u, out, starts, seg_state, seg_dt)
+                  delta_bias if delta_bias is not None else u, out, out if starts is None else starts, seg_state, seg_dt)
         launch = dict(**sizes, **_strides(u, B), **flags, num_warps=NUM_WARPS)
         with _on_device(u):
             if grid[2] > 1:
-                _forward_kernel[grid](*inputs, **launch, SUMMARY=True)
+                _forward_kernel[grid](*inputs, **launch, SUMMARY=True, STARTS=False)
                 _carry_between_segments(seg_state, seg_dt, A, sizes, reverse=False)
-            _forward_kernel[grid](*inputs, **launch, SUMMARY=False)
+            _forward_kernel[grid](*inputs, **launch, SUMMARY=False, STARTS=for_backward)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts, seg_dt)
         ctx.flags = flags
         return out
@@ -140,7 +140,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
             _backward_kernel[grid](*arguments, **launch, SUMMARY=False)
         dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else None
         dbias = dbias_part.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
-        return du, ddelta, dA_part.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None
+        return du, ddelta, dA_part.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None
 
 
 def triton_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -148,11 +148,14 @@ def triton_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                           delta_softplus: bool = False) -> Tensor:
     """`scan.selective_scan` (same arguments, shapes and result, mamba-ssm's `selective_scan_fn` contract)
     computed by the Triton kernels, fp32 inside. Token-major u ((batch, L, dim) in memory, channels contiguous)
-    runs without copies when delta, z, B and C are token-major too; otherwise they are laid out like u."""
+    runs without copies when delta, z, B and C are token-major too; otherwise they are laid out like u. Where no
+    backward can follow (no grad mode, or no input requiring grad) the forward keeps no checkpoints."""
     token_major = _token_major(u)
     B = B.unsqueeze(1) if B.dim() == 3 else B
     C = C.unsqueeze(1) if C.dim() == 3 else C
     u, delta, B, C = (_in_layout(t, token_major) for t in (u, delta, B, C))
     z = _in_layout(z, token_major) if z is not None else None
     optional = [t.contiguous() if t is not None else None for t in (D, delta_bias)]
-    return _TritonSelectiveScan.apply(u, delta, A.contiguous(), B, C, optional[0], z, optional[1], delta_softplus)
+    inputs = (u, delta, A.contiguous(), B, C, optional[0], z, optional[1])
+    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return _TritonSelectiveScan.apply(*inputs, delta_softplus, for_backward)

@@ -8,7 +8,8 @@ kernel in SUMMARY mode (H and S of every segment, in parallel), `_carry_kernel` 
 recurrence over segments, giving their start states), and the kernel again from those starts. One segment
 (short sequences, or channel blocks enough to fill the GPU) needs only the last launch. The forward writes the
 state before every block of TILES tiles to `starts` (batch, dim, ceil(L / (TILE * TILES)), N), fp32: all that the
-backward keeps besides the inputs (and S), never O(L * N).
+backward keeps besides the inputs (and S), never O(L * N). With TILE * TILES = 32 tokens and N = 16 these are as
+many bytes as an fp16 u, so a forward that no backward follows (inference) does not write them.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ def _forward_kernel(
     u, delta, A, B, C, D, z, bias, out, starts, seg_state, seg_dt,
     dim, groups, per_group, length, d_state, n_blocks, seg_blocks,
     channel_stride, token_stride, state_stride, bc_token_stride,
-    SUMMARY: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SUMMARY: tl.constexpr, STARTS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, TILE: tl.constexpr, TILES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One channel block over one segment of checkpoint blocks (TILES tiles of TILE tokens each). SUMMARY: the
     state the segment reaches from h = 0 into seg_state (batch, dim, n_segments, N) and the sum of its deltas
-    into seg_dt (batch, dim, n_segments). Otherwise, from the segment's start state in seg_state: out, and the
-    state before every block into starts (batch, dim, n_blocks, N)."""
+    into seg_dt (batch, dim, n_segments). Otherwise, from the segment's start state in seg_state: out, and with
+    STARTS (what the backward needs; not in inference) the state before every block into starts (batch, dim,
+    n_blocks, N)."""
     b, g, block, d, n, d_mask, n_mask, nd_mask, A_tile, D_vec, bias_vec = _program_tiles(
         A, D, bias, dim, groups, per_group, d_state, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     seg, first, last = _segment(n_blocks, seg_blocks)
@@ -48,7 +50,7 @@ def _forward_kernel(
         h += tl.load(seg_state + seg_tiles, mask=nd_mask, other=0.0)
     dt_sum = tl.zeros((BLOCK_D,), tl.float32)
     for c in range(first, last):
-        if not SUMMARY:
+        if STARTS and not SUMMARY:
             tl.store(starts + start_tiles + c * d_state, h, mask=nd_mask)
         for i in range(TILES):
             tokens = (c * TILES + i) * TILE + tl.arange(0, TILE)
