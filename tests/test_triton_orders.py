@@ -80,6 +80,35 @@ def test_half_precision_inputs_keep_their_dtype_and_accumulate_in_fp32():
     torch.testing.assert_close(summed.float(), summed_scatters(y.float(), grid, orders), rtol=1e-2, atol=1e-2)
 
 
+def test_grid_results_are_rounded_once_by_the_kernels(monkeypatch):
+    """The sum over orders and the conv1d's input gradient are fp32 sums that the last order's launch writes in
+    the input's dtype: the fp32 sum rounded once (within a bf16 ulp: to nearest on a GPU, toward zero in Triton's
+    interpreter; summing in bf16 is further off), and no fp32 (batch, L, C) result cast afterwards (a full-size
+    read and write)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    orders, grid, channels = tom_orders(3), (3, 4, 5), 7
+    length = torch.Size(grid).numel()
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape[-2:] == (length, channels):
+                casts.append(func)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 3 * channels, length, generator=g).bfloat16().to(DEVICE)
+    x = torch.randn(2, length, channels, generator=g).bfloat16().to(DEVICE).requires_grad_()
+    weight, bias = torch.randn(3 * channels, 1, 4, generator=g).to(DEVICE), torch.randn(3 * channels).to(DEVICE)
+    with Casts():
+        summed = sum_over_orders(y, grid, orders)
+        (dx,) = torch.autograd.grad(ordered_conv1d_silu(x, grid, orders, weight, bias), x, y)
+    assert casts == [] and summed.dtype == dx.dtype == torch.bfloat16
+    (expected_dx,) = torch.autograd.grad(ordered_conv1d_silu(x.float(), grid, orders, weight, bias), x, y.float())
+    for got, expected in ((summed, summed_scatters(y.float(), grid, orders)), (dx, expected_dx)):
+        assert ((got.float() - expected).abs() <= expected.abs() * 2**-7).all()
+
+
 def test_a_layer_with_the_triton_orders_equals_the_torch_backend(monkeypatch):
     """The layer's wiring of the two kernels: its output and gradients as with gathering copies."""
     in_place = dataclasses.replace(TORCH_OPS, ordered_conv1d_silu=ordered_conv1d_silu, sum_over_orders=sum_over_orders)
@@ -100,9 +129,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nnunet_segmamba.mamba import triton_orders as k
 
-pointers = {"x": "*bf16", "v": "*bf16", "out": "*bf16", "dout": "*bf16"}  # the rest: fp32 weights and buffers
+pointers = {"x": "*bf16", "v": "*bf16", "out": "*bf16", "dout": "*bf16", "result": "*bf16"}  # the rest: fp32
 for kernel, flags in ((k._into_order_kernel, ("HAS_WEIGHT", "HAS_BIAS", "SILU")),
-                      (k._conv_backward_kernel, ("HAS_BIAS",)), (k._from_order_kernel, ("HAS_WEIGHT", "ACCUMULATE"))):
+                      (k._conv_backward_kernel, ("HAS_BIAS",)), (k._from_order_kernel, ("HAS_WEIGHT", "ACCUMULATE", "LAST"))):
     for on in (True, False):
         constexprs = dict(TAPS=4 if on else 1, BLOCK_L=k.BLOCK_L, BLOCK_C=k.BLOCK_C, **{f: on for f in flags})
         signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*fp32")

@@ -127,14 +127,15 @@ def _conv_backward_kernel(
 
 @triton.jit
 def _from_order_kernel(
-    v, weight, out, length, channels, row0, rows,
+    v, weight, out, result, length, channels, row0, rows,
     offset, n1, n2, st0, st1, st2,
-    TAPS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    TAPS: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, LAST: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out (batch, L, channels) at the grid tokens walk(s) of steps s: [out +] sum_j w_j v[s + TAPS - 1 - j], v the
-    rows row0... of (batch, rows, L) (one order) with their weights (rows, TAPS). Program: (block of steps, block
-    of channels, batch element)."""
+    """At the grid tokens walk(s) of steps s: [out +] sum_j w_j v[s + TAPS - 1 - j], v the rows row0... of
+    (batch, rows, L) (one order) with their weights (rows, TAPS), into out (batch, L, channels) fp32, or for the
+    last order (LAST) into result (batch, L, channels) in its own dtype. Program: (block of steps, block of
+    channels, batch element)."""
     b, s, s_mask, c, c_mask = _program_tile(length, channels, BLOCK_L, BLOCK_C)
     p = _address(s, offset, n1, n2, st0, st1, st2)
     v = v + (b * rows + row0) * length
@@ -147,11 +148,14 @@ def _from_order_kernel(
         if HAS_WEIGHT:
             tap = tap * tl.load(weight + (row0 + c) * TAPS + j, mask=c_mask, other=0.0).to(tl.float32)[None, :]
         acc += tap
-    tile = out + b * length * channels + p[:, None] * channels + c[None, :]
+    tile = b * length * channels + p[:, None] * channels + c[None, :]
     mask = s_mask[:, None] & c_mask[None, :]
     if ACCUMULATE:
-        acc += tl.load(tile, mask=mask, other=0.0).to(tl.float32)
-    tl.store(tile, acc, mask=mask)
+        acc += tl.load(out + tile, mask=mask, other=0.0)
+    if LAST:
+        tl.store(result + tile, acc, mask=mask)
+    else:
+        tl.store(out + tile, acc, mask=mask)
 
 
 Walks = tuple[tuple[int, ...], ...]
@@ -187,15 +191,17 @@ def _into_orders(x: Tensor, walks: Walks, weight: Tensor | None, bias: Tensor | 
             HAS_BIAS=bias is not None, SILU=silu, **BLOCKS)
 
 
-def _from_orders(v: Tensor, walks: Walks, weight: Tensor | None, out: Tensor) -> None:
-    """out (batch, L, C) = the sum over orders k of `_from_order_kernel` of v[:, k*C:(k+1)*C]; v (batch, K*C, L)
-    and out contiguous."""
-    batch, length, channels = out.shape
+def _from_orders(v: Tensor, walks: Walks, weight: Tensor | None, result: Tensor) -> None:
+    """result (batch, L, C) = the sum over orders k of `_from_order_kernel` of v[:, k*C:(k+1)*C]; v (batch, K*C, L)
+    and result contiguous. The partial sums stay fp32 (a buffer); the last order's launch rounds to result's
+    dtype (no cast afterwards)."""
+    batch, length, channels = result.shape
     taps = weight.shape[-1] if weight is not None else 1
+    out = torch.empty(result.shape, dtype=torch.float32, device=result.device) if len(walks) > 1 else result
     for k, walk in enumerate(walks):
         _from_order_kernel[_launch_grid(batch, length, channels)](
-            v, weight if weight is not None else v, out, length, channels, k * channels, v.shape[1], *walk,
-            TAPS=taps, HAS_WEIGHT=weight is not None, ACCUMULATE=k > 0, **BLOCKS)
+            v, weight if weight is not None else v, out, result, length, channels, k * channels, v.shape[1], *walk,
+            TAPS=taps, HAS_WEIGHT=weight is not None, ACCUMULATE=k > 0, LAST=k == len(walks) - 1, **BLOCKS)
 
 
 def _channels_contiguous(x: Tensor) -> Tensor:
@@ -227,7 +233,7 @@ class _OrderedConv1dSiLU(torch.autograd.Function):
         blocks = triton.cdiv(length, BLOCK_L)
         dweight_part = torch.empty(batch, blocks, len(walks) * channels, taps, **f32)
         dbias_part = torch.empty(batch, blocks, len(walks) * channels, **f32)
-        dx = torch.empty(batch, length, channels, **f32)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         with _on_device(x):
             for k, walk in enumerate(walks):
                 _conv_backward_kernel[_launch_grid(batch, length, channels)](
@@ -237,7 +243,7 @@ class _OrderedConv1dSiLU(torch.autograd.Function):
             _from_orders(dpre, walks, weight, dx)
         dweight = dweight_part.sum((0, 1)).unsqueeze(1).to(weight.dtype)
         dbias = dbias_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
-        return dx.to(x.dtype), dweight, dbias, None
+        return dx, dweight, dbias, None
 
 
 class _SumOverOrders(torch.autograd.Function):
@@ -246,11 +252,11 @@ class _SumOverOrders(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, walks: Walks) -> Tensor:
         batch, rows, length = y.shape
-        out = torch.empty(batch, length, rows // len(walks), dtype=torch.float32, device=y.device)
+        out = torch.empty(batch, length, rows // len(walks), dtype=y.dtype, device=y.device)
         with _on_device(y):
             _from_orders(y.contiguous(), walks, None, out)
         ctx.walks, ctx.dtype = walks, y.dtype
-        return out.to(y.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, ...]:
