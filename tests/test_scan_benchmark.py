@@ -18,9 +18,10 @@ def test_bandwidth_table_runs_on_any_device(capsys):
     rows = scan_bandwidth({"torch": selective_scan}, torch.device("cpu"), batch=1, warmup=0, repeats=1,
                           stages=[(4, (2, 2, 3))], d_state=4)
     assert [(r["dtype"], r["dim"]) for r in rows] == [("float32", 24), ("bfloat16", 24)]
-    assert all(r["ms"] > 0 and r["gbs"] > 0 for r in rows)
+    assert all(r["ms"] > 0 and r["gbs"] > 0 and r["forward_ms"] > 0 for r in rows)
     print_bandwidth(rows, None, "test")
-    assert "2x2x3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2x2x3" in out and "no-grad fwd ms" in out
 
 
 def test_layer_table_compares_every_backend_and_dtype_against_torch(capsys):

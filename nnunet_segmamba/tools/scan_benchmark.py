@@ -223,7 +223,7 @@ def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int
                    stages=STAGES, d_state: int = 16) -> list[dict]:
     """The selective scan alone, forward + backward, at each stage's token count with the channels of a
     tri-orientated layer (`scan_inputs`): time and achieved bandwidth (`scan_bytes` / time) of each backend in
-    `backends` ({name: selective_scan}), fp32 and bf16 inputs."""
+    `backends` ({name: selective_scan}), fp32 and bf16 inputs; and the forward alone without grad (inference)."""
     import torch
 
     rows = []
@@ -235,10 +235,15 @@ def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int
             for name, scan in backends.items():
                 def step():
                     scan_step(scan, arguments, grad)
+
+                @torch.no_grad()
+                def forward():
+                    scan(*arguments)
                 ms = _median_ms(step, device, warmup, repeats)
                 gbs = scan_bytes(batch, dim, B.shape[1], d_state, length, u.element_size()) / ms / 1e6
                 rows.append({"d_model": d_model, "grid": grid, "dim": dim, "dtype": str(dtype)[6:], "backend": name,
-                             "ms": ms, "gbs": gbs, "extra_mib": _extra_memory_mib(step, device)})
+                             "ms": ms, "gbs": gbs, "extra_mib": _extra_memory_mib(step, device),
+                             "forward_ms": _median_ms(forward, device, warmup, repeats)})
     return rows
 
 
@@ -259,15 +264,15 @@ def _extra_memory_mib(fn, device) -> float | None:
 def print_bandwidth(rows: list[dict], peak_gbs: float | None, title: str) -> None:
     peak = f"memory bandwidth {peak_gbs:.0f} GB/s (clock x bus width)" if peak_gbs else "memory bandwidth unknown"
     print(f"\n{title}; bytes = least traffic of the scan's inputs, outputs and gradients; {peak}; extra MiB = "
-          f"peak memory of one forward + backward beyond its inputs")
+          f"peak memory of one forward + backward beyond its inputs; no-grad fwd = the forward alone, as in inference")
     header = (f"{'d_model':>7} {'tokens':>8} {'channels':>8} {'dtype':>8} {'backend':>7} | "
-              f"{'ms':>8} {'GB/s':>8} {'of peak':>7} {'extra MiB':>9}")
+              f"{'ms':>8} {'GB/s':>8} {'of peak':>7} {'extra MiB':>9} {'no-grad fwd ms':>14}")
     print(header + "\n" + "-" * len(header))
     for r in rows:
         share = f"{100 * r['gbs'] / peak_gbs:6.1f}%" if peak_gbs else f"{'-':>7}"
         extra = f"{r['extra_mib']:9.0f}" if r["extra_mib"] is not None else f"{'-':>9}"
         print(f"{r['d_model']:>7} {'x'.join(map(str, r['grid'])):>8} {r['dim']:>8} {r['dtype']:>8} {r['backend']:>7} | "
-              f"{r['ms']:8.2f} {r['gbs']:8.1f} {share} {extra}")
+              f"{r['ms']:8.2f} {r['gbs']:8.1f} {share} {extra} {r['forward_ms']:14.2f}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
