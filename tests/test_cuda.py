@@ -48,6 +48,8 @@ def gpu_scan(backend: str):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("length,groups", [(100, 1), (4096, 3), (32768, 1)])
 def test_torch_scan_equals_gpu_kernels(length, groups, backend):
+    """Outputs and gradients; and each scan's forward without grad (inference: ours then keeps no checkpoints)
+    gives the training forward's output bit for bit."""
     g = torch.Generator(device=CUDA).manual_seed(length)
     dim, n = 48, 16
     shapes = [(2, dim, length), (2, dim, length), (dim, n), (2, groups, n, length), (2, groups, n, length), (dim,),
@@ -61,6 +63,8 @@ def test_torch_scan_equals_gpu_kernels(length, groups, backend):
         out = fn(u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True)
         grad_out = torch.randn(out.shape, device=CUDA, generator=torch.Generator(device=CUDA).manual_seed(1))
         results.append((out, torch.autograd.grad(out, leaves, grad_out)))
+        with torch.no_grad():
+            assert torch.equal(fn(*tensors[:7], delta_bias=tensors[7], delta_softplus=True), out)
     (kernel_out, kernel_grads), (ours_out, ours_grads) = results
     assert relative(ours_out, kernel_out) < 1e-5
     for name, ours, kernel in zip("u delta A B C D z delta_bias".split(), ours_grads, kernel_grads):
