@@ -4,6 +4,8 @@ backward, batch 2) per setting of `triton_scan`'s module constants, against mamb
     source .device-kit/activate.sh; benchmarks/gpu sweep-triton   (on the GPU machine)
 """
 
+import functools
+
 import torch
 
 from nnunet_segmamba.mamba import triton_scan
@@ -23,8 +25,9 @@ assert all(hasattr(triton_scan, name) for name in NAMES), "triton_scan no longer
 device = torch.device("cuda")
 scans = gpu_scans(device)
 FEW_CHANNELS = [(32, (32, 32, 32))]  # at batch 1: 192 one-channel programs, where segments pay
-baseline = {(r["d_model"], r["dtype"]): r for r in scan_bandwidth({"cuda": scans["cuda"]}, device, 2, 3, 10)}
-few_baseline = scan_bandwidth({"cuda": scans["cuda"]}, device, 1, 3, 10, stages=FEW_CHANNELS)
+forward_backward = functools.partial(scan_bandwidth, device=device, warmup=3, repeats=10, no_grad_forward=False)
+baseline = {(r["d_model"], r["dtype"]): r for r in forward_backward({"cuda": scans["cuda"]}, batch=2)}
+few_baseline = forward_backward({"cuda": scans["cuda"]}, batch=1, stages=FEW_CHANNELS)
 
 
 def errors(length=32768, dim=768, groups=3, d_state=16):
@@ -53,12 +56,12 @@ for setting in SETTINGS:
         setattr(triton_scan, name, value)
     label = " ".join(f"{short}={v}" for short, v in zip(LABELS, setting))
     try:
-        rows = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 2, 3, 10)
+        rows = forward_backward({"triton": triton_scan.triton_selective_scan}, batch=2)
         error = errors()
     except Exception as e:  # a setting that does not compile or run: report and go on
         print(f"{label:<64} failed: {str(e).splitlines()[0][:120]}")
         continue
-    few_channels = scan_bandwidth({"triton": triton_scan.triton_selective_scan}, device, 1, 3, 10, stages=FEW_CHANNELS)
+    few_channels = forward_backward({"triton": triton_scan.triton_selective_scan}, batch=1, stages=FEW_CHANNELS)
     for r, base in zip(few_channels, few_baseline):
         print(f"{label:<64} {'32 b1':>7} {r['dtype']:>8} | {r['ms']:9.2f} {base['ms']:8.2f} "
               f"{r['ms'] / base['ms']:10.2f}x {r['extra_mib']:10.0f} {base['extra_mib']:8.0f}")

@@ -105,7 +105,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         seg_state = torch.zeros(batch, dim, grid[2], A.shape[1], **f32)
         seg_dt = torch.zeros(batch, dim, grid[2], **f32)
         inputs = (u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-                  delta_bias if delta_bias is not None else u, out, out if starts is None else starts, seg_state, seg_dt)
+                  delta_bias if delta_bias is not None else u, out, starts if for_backward else out, seg_state, seg_dt)
         launch = dict(**sizes, **_strides(u, B), **flags, num_warps=NUM_WARPS)
         with _on_device(u):
             if grid[2] > 1:

@@ -220,10 +220,11 @@ def scan_step(scan, arguments: tuple, grad) -> None:
 
 
 def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int,
-                   stages=STAGES, d_state: int = 16) -> list[dict]:
+                   stages=STAGES, d_state: int = 16, no_grad_forward: bool = True) -> list[dict]:
     """The selective scan alone, forward + backward, at each stage's token count with the channels of a
     tri-orientated layer (`scan_inputs`): time and achieved bandwidth (`scan_bytes` / time) of each backend in
-    `backends` ({name: selective_scan}), fp32 and bf16 inputs; and the forward alone without grad (inference)."""
+    `backends` ({name: selective_scan}), fp32 and bf16 inputs; with `no_grad_forward` also the forward alone
+    without grad (inference)."""
     import torch
 
     rows = []
@@ -243,7 +244,7 @@ def scan_bandwidth(backends: dict, device, batch: int, warmup: int, repeats: int
                 gbs = scan_bytes(batch, dim, B.shape[1], d_state, length, u.element_size()) / ms / 1e6
                 rows.append({"d_model": d_model, "grid": grid, "dim": dim, "dtype": str(dtype)[6:], "backend": name,
                              "ms": ms, "gbs": gbs, "extra_mib": _extra_memory_mib(step, device),
-                             "forward_ms": _median_ms(forward, device, warmup, repeats)})
+                             "forward_ms": _median_ms(forward, device, warmup, repeats) if no_grad_forward else None})
     return rows
 
 
@@ -271,8 +272,9 @@ def print_bandwidth(rows: list[dict], peak_gbs: float | None, title: str) -> Non
     for r in rows:
         share = f"{100 * r['gbs'] / peak_gbs:6.1f}%" if peak_gbs else f"{'-':>7}"
         extra = f"{r['extra_mib']:9.0f}" if r["extra_mib"] is not None else f"{'-':>9}"
+        forward = f"{r['forward_ms']:14.2f}" if r["forward_ms"] is not None else f"{'-':>14}"
         print(f"{r['d_model']:>7} {'x'.join(map(str, r['grid'])):>8} {r['dim']:>8} {r['dtype']:>8} {r['backend']:>7} | "
-              f"{r['ms']:8.2f} {r['gbs']:8.1f} {share} {extra} {r['forward_ms']:14.2f}")
+              f"{r['ms']:8.2f} {r['gbs']:8.1f} {share} {extra} {forward}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
