@@ -21,11 +21,9 @@ from pathlib import Path
 PLAIN = "nnUNetTrainer"
 NETWORKS = {"nnUNetTrainerSegMambaV2": "SegMamba-V2", "nnUNetTrainerSegMamba": "SegMamba",
             "nnUNetTrainerMambaClinix": "MambaClinix"}
-TARGETS = {  # issue 31: at most this many times PlainConvUNet's, per network in NETWORKS' order
-    "compiled step, Triton": (1.4, 1.6, 2.0),
-    "peak memory of that step": (1.5, 1.6, 2.0),
-    "volume, nnUNetv2_predict's sliding window": (1.5, 1.5, 1.5),
-}
+STEP, PEAK, VOLUME = "compiled step, Triton", "peak memory of that step", "volume, nnUNetv2_predict's sliding window"
+TARGETS = {STEP: (1.4, 1.6, 2.0), PEAK: (1.5, 1.6, 2.0), VOLUME: (1.5, 1.5, 1.5)}
+"""Issue 31: at most this many times PlainConvUNet's, per network in NETWORKS' order."""
 
 
 def _trainer(row: dict) -> tuple[str, str | None]:
@@ -52,10 +50,10 @@ def run_ratios(run: dict) -> dict[str, dict[str, float | None]]:
         cells = ratios.setdefault(name, dict.fromkeys(TARGETS))
         compiled = row.get("compiled")
         if compiled:
-            cells["compiled step, Triton"] = ratio(compiled.get("step_ms"), plain_compiled.get("step_ms"))
-            cells["peak memory of that step"] = ratio(compiled.get("peak_gib"), plain_compiled.get("peak_gib"))
+            cells[STEP] = ratio(compiled.get("step_ms"), plain_compiled.get("step_ms"))
+            cells[PEAK] = ratio(compiled.get("peak_gib"), plain_compiled.get("peak_gib"))
         if backend in (None, "triton"):
-            cells["volume, nnUNetv2_predict's sliding window"] = ratio(row.get("volume_s"), plain.get("volume_s"))
+            cells[VOLUME] = ratio(row.get("volume_s"), plain.get("volume_s"))
     return ratios
 
 
